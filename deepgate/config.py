@@ -1,0 +1,75 @@
+"""Strict configuration models and the YAML loader with secret references.
+
+Every file deepgate reads goes through a model derived from ``StrictModel``: unknown keys are
+errors, so a typo never silently turns a feature off. Secrets are references, never inlined:
+``$env://NAME`` reads an environment variable when the value is needed (``resolve_secret``).
+Errors name the file, the path inside it and what to change.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+ENV_PREFIX = "$env://"
+
+
+class StrictModel(BaseModel):
+    """Base of every config model: unknown keys rejected, values immutable after loading."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class ConfigError(ValueError):
+    """A config file or value is wrong; the message says where and how to fix it."""
+
+
+def describe_validation_error(err: ValidationError) -> str:
+    """One line per problem, ``path: message``, without echoing the offending values."""
+    lines = []
+    for item in err.errors(include_input=False, include_url=False):
+        path = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        lines.append(f"{path}: {item['msg']}")
+    return "; ".join(lines)
+
+
+def is_secret_ref(value: str) -> bool:
+    return value.startswith(ENV_PREFIX)
+
+
+def resolve_secret(value: str) -> str:
+    """The value behind a ``$env://NAME`` reference (other strings are returned as given)."""
+    if not value.startswith(ENV_PREFIX):
+        return value
+    name = value[len(ENV_PREFIX) :]
+    found = os.environ.get(name)
+    if found is None:
+        raise ConfigError(f"the environment variable {name} is not set; set it or change {value}")
+    return found
+
+
+def load_yaml(path: str | Path) -> Any:
+    """Parse a YAML file, with the file name in any syntax error."""
+    p = Path(path)
+    try:
+        return yaml.safe_load(p.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read the file ({exc.strerror})") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+
+
+def load_model(path: str | Path, model: type[M]) -> M:
+    """Load a YAML file into ``model``; errors say file, path and problem."""
+    data = load_yaml(path)
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{path}: {describe_validation_error(exc)}") from None

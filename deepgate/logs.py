@@ -1,0 +1,78 @@
+"""Logging for every deepgate process: one JSON object a line, the request id in each.
+
+Entry points call ``setup_logging`` once. Code logs with the stdlib (``logging.getLogger``) and
+lazy ``%`` arguments; the request id comes from a context variable set where a request starts, so
+it follows the request through every ``await``. Prompts, completions and keys are never passed to
+a logger: log sizes, counts and rule names instead.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import IO, Any
+
+import orjson
+
+request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "deepgate_request_id", default=None
+)
+
+# Attributes every LogRecord has; anything else passed via ``extra=`` is emitted as a field.
+_STANDARD = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
+
+
+@contextmanager
+def request_scope(rid: str | None) -> Iterator[None]:
+    """Run a block with ``rid`` as the request id of every log line it writes."""
+    token = request_id.set(rid)
+    try:
+        yield
+    finally:
+        request_id.reset(token)
+
+
+class JsonFormatter(logging.Formatter):
+    """Formats a record as one JSON line: time, level, logger, message, request id, extras."""
+
+    def __init__(self, service: str) -> None:
+        super().__init__()
+        self.service = service
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "service": self.service,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        rid = request_id.get()
+        if rid is not None:
+            entry["request_id"] = rid
+        for key, value in record.__dict__.items():
+            if key not in _STANDARD and not key.startswith("_"):
+                entry[key] = value
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return orjson.dumps(entry, default=str).decode()
+
+
+def setup_logging(service: str, level: str | None = None, stream: IO[str] | None = None) -> None:
+    """Send every logger's records to ``stream`` (stderr) as JSON lines.
+
+    The level comes from ``level``, else ``DEEPGATE_LOG_LEVEL``, else ``INFO``.
+    """
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(JsonFormatter(service))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel((level or os.environ.get("DEEPGATE_LOG_LEVEL") or "INFO").upper())

@@ -1,0 +1,1 @@
+"""APISIX's stand-in for local runs and tests (the protocol driver lives in ``driver``)."""

@@ -1,0 +1,1 @@
+"""deepgate's APISIX external plugins and the runner that serves them."""

@@ -1,0 +1,341 @@
+"""The runner: serves APISIX's external-plugin calls on a Unix socket.
+
+APISIX opens connections from a keepalive pool and makes one exchange at a time on each, so
+concurrency is the number of connections: every connection gets its own task and is served in
+order, and a plugin waiting on I/O for one request never holds up another connection.
+
+Each exchange is one of:
+- PrepareConf: validate the plugin list and configs once, answer a token;
+- HTTPReqCall: run the chain's request handlers in conf order, asking APISIX for the body and
+  variables only when a handler wants them (ExtraInfo frames on the same connection), and answer
+  one merged Stop, Rewrite or no action;
+- HTTPRespCall: run the response hooks, asking for the upstream body only when one wants it.
+
+Anything that does not follow the protocol is answered with RPC_ERROR ``BAD_REQUEST`` while the
+connection is still in step, and otherwise the connection is closed. Nothing a peer sends can
+stop the runner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from typing import Any
+
+import orjson
+from pydantic import ValidationError
+
+from deepgate.config import describe_validation_error
+from deepgate.errors import DeepgateError, InternalError, PayloadTooLarge
+from deepgate.logs import request_scope
+from plugins.base import PluginSpec, RequestContext, ResponseContext, error_stop
+from plugins.runner import codec
+from plugins.runner.codec import ErrCode, ExtraInfo, MsgType, ProtocolError
+from plugins.runner.conf_cache import ConfCache, ConfKey, PreparedConf, PreparedPlugin
+
+log = logging.getLogger(__name__)
+
+# APISIX answers ExtraInfo at once and sends whole frames; a peer that stalls mid-frame for this
+# long is gone (APISIX's own send timeout is 60 s).
+FRAME_TIMEOUT_S = 60.0
+
+_ERR_FRAMES = {
+    code: codec.frame(MsgType.RPC_ERROR, codec.encode_err_resp(code)) for code in ErrCode
+}
+_REQ_BODY_FRAME = codec.frame(MsgType.RPC_EXTRA_INFO, codec.encode_extra_info_req(codec.ReqBody()))
+_RESP_BODY_FRAME = codec.frame(
+    MsgType.RPC_EXTRA_INFO, codec.encode_extra_info_req(codec.RespBody())
+)
+
+
+class PrepareError(Exception):
+    """A conf list that cannot be prepared; the message names the plugin and the problem."""
+
+
+class _Reply(Exception):
+    """Answer the current exchange with RPC_ERROR ``code`` and keep the connection."""
+
+    def __init__(self, code: ErrCode) -> None:
+        self.code = code
+
+
+class Runner:
+    """The protocol server. ``registry`` maps plugin names to their specs."""
+
+    def __init__(self, registry: dict[str, PluginSpec], conf_expire_s: float = 3600.0) -> None:
+        self.registry = registry
+        self.confs = ConfCache(conf_expire_s)
+        self._server: asyncio.AbstractServer | None = None
+        self._connections: set[asyncio.Task[None]] = set()
+        self._busy = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._var_frames: dict[str, bytes] = {}
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    async def start(self, path: str) -> None:
+        """Listen on the Unix socket ``path``, replacing a stale socket file."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        self._server = await asyncio.start_unix_server(self._serve, path=path)
+        # nginx workers run as another user: they must be able to connect.
+        os.chmod(path, 0o766)  # noqa: S103 - the protocol requires a world-connectable socket
+        log.info("runner listening", extra={"socket": path, "plugins": sorted(self.registry)})
+
+    async def stop(self, grace_s: float = 1.0) -> None:
+        """Stop accepting, let calls in flight finish within ``grace_s``, close the rest."""
+        if self._server is not None:
+            self._server.close()
+        try:
+            await asyncio.wait_for(self._idle.wait(), grace_s)
+        except TimeoutError:
+            log.warning("stopping with %d calls still in flight", self._busy)
+        for task in list(self._connections):
+            task.cancel()
+        if self._connections:
+            await asyncio.wait(self._connections, timeout=0.5)
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 0.5)
+
+    # --- one connection ---------------------------------------------------------------------
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._connections.add(task)
+        try:
+            await _Connection(self, reader, writer).run()
+        except (ConnectionError, asyncio.IncompleteReadError, TimeoutError):
+            pass  # the peer went away or stalled: nothing to answer
+        except asyncio.CancelledError:
+            pass  # shutting down
+        except Exception:
+            log.exception("connection closed after an unexpected error")
+        finally:
+            self._connections.discard(task)
+            writer.close()
+
+    def _begin(self) -> None:
+        self._busy += 1
+        self._idle.clear()
+
+    def _end(self) -> None:
+        self._busy -= 1
+        if not self._busy:
+            self._idle.set()
+
+    def var_frame(self, name: str) -> bytes:
+        frame = self._var_frames.get(name)
+        if frame is None:
+            frame = codec.frame(
+                MsgType.RPC_EXTRA_INFO, codec.encode_extra_info_req(codec.Var(name))
+            )
+            if len(self._var_frames) < 1024:
+                self._var_frames[name] = frame
+        return frame
+
+    # --- PrepareConf ------------------------------------------------------------------------
+
+    def prepare(self, conf: list[tuple[str, str]]) -> PreparedConf:
+        key: ConfKey = tuple(conf)
+        found = self.confs.find_key(key)
+        if found is not None:
+            return found
+        plugins = []
+        for name, raw in conf:
+            spec = self.registry.get(name)
+            if spec is None:
+                known = ", ".join(sorted(self.registry))
+                raise PrepareError(f"unknown plugin {name!r}; this runner serves: {known}")
+            try:
+                value = orjson.loads(raw or "{}")
+                config = spec.config.model_validate(value)
+            except orjson.JSONDecodeError as exc:
+                raise PrepareError(
+                    f"plugin {name!r}: its config is not valid JSON ({exc})"
+                ) from None
+            except ValidationError as exc:
+                raise PrepareError(
+                    f"plugin {name!r}: invalid config: {describe_validation_error(exc)}"
+                ) from None
+            plugins.append(PreparedPlugin(spec=spec, config=config))
+        return self.confs.add(key, plugins)
+
+
+class _Connection:
+    """One APISIX connection: frames in, frames out, one exchange at a time."""
+
+    __slots__ = ("reader", "runner", "writer")
+
+    def __init__(
+        self, runner: Runner, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        self.runner = runner
+        self.reader = reader
+        self.writer = writer
+
+    async def read_frame(self, *, idle_ok: bool = False) -> tuple[int, bytes]:
+        """The next frame; waits without limit for its header only between exchanges."""
+        if idle_ok:
+            header = await self.reader.readexactly(4)
+        else:
+            header = await asyncio.wait_for(self.reader.readexactly(4), FRAME_TIMEOUT_S)
+        msg_type, size = codec.parse_header(header)
+        payload = (
+            await asyncio.wait_for(self.reader.readexactly(size), FRAME_TIMEOUT_S) if size else b""
+        )
+        return msg_type, payload
+
+    async def run(self) -> None:
+        runner = self.runner
+        while True:
+            msg_type, payload = await self.read_frame(idle_ok=True)
+            runner._begin()
+            try:
+                reply = await self.exchange(msg_type, payload)
+            except _Reply as r:
+                reply = _ERR_FRAMES[r.code]
+            except ProtocolError as exc:
+                log.warning("bad frame (type %d, %d bytes): %s", msg_type, len(payload), exc)
+                reply = _ERR_FRAMES[ErrCode.BAD_REQUEST]
+            finally:
+                runner._end()
+            self.writer.write(reply)
+            await self.writer.drain()
+
+    async def ask(self, frame: bytes) -> bytes | None:
+        """Send an ExtraInfo question and wait for APISIX's answer on this connection."""
+        self.writer.write(frame)
+        msg_type, payload = await self.read_frame()
+        if msg_type != MsgType.RPC_EXTRA_INFO:
+            raise ConnectionError(f"expected an extra-info answer, got frame type {msg_type}")
+        try:
+            return codec.decode_extra_info_resp(payload).result
+        except ProtocolError as exc:
+            raise ConnectionError(f"unreadable extra-info answer: {exc}") from None
+
+    async def ask_info(self, info: ExtraInfo) -> bytes | None:
+        if isinstance(info, codec.Var):
+            return await self.ask(self.runner.var_frame(info.name))
+        return await self.ask(
+            _REQ_BODY_FRAME if isinstance(info, codec.ReqBody) else _RESP_BODY_FRAME
+        )
+
+    async def exchange(self, msg_type: int, payload: bytes) -> bytes:
+        if msg_type == MsgType.RPC_HTTP_REQ_CALL:
+            return await self.http_req_call(codec.decode_http_req_call_req(payload))
+        if msg_type == MsgType.RPC_PREPARE_CONF:
+            return self.prepare_conf(codec.decode_prepare_conf_req(payload))
+        if msg_type == MsgType.RPC_HTTP_RESP_CALL:
+            return await self.http_resp_call(codec.decode_http_resp_call_req(payload))
+        raise ProtocolError(f"unexpected frame type {msg_type}")
+
+    def prepare_conf(self, req: codec.PrepareConfReq) -> bytes:
+        started = time.perf_counter()
+        try:
+            conf = self.runner.prepare(req.conf)
+        except PrepareError as exc:
+            log.error("PrepareConf refused for %s: %s", req.key or "(no key)", exc)
+            raise _Reply(ErrCode.BAD_REQUEST) from None
+        log.info(
+            "conf prepared",
+            extra={
+                "key": req.key,
+                "token": conf.token,
+                "plugins": [name for name, _ in req.conf],
+                "ms": round((time.perf_counter() - started) * 1000, 3),
+            },
+        )
+        return codec.frame(MsgType.RPC_PREPARE_CONF, codec.encode_prepare_conf_resp(conf.token))
+
+    async def http_req_call(self, req: codec.HTTPReqCallReq) -> bytes:
+        conf = self.runner.confs.get(req.conf_token)
+        if conf is None:
+            raise _Reply(ErrCode.CONF_TOKEN_NOT_FOUND)
+        action: codec.Stop | codec.Rewrite | None = None
+        if conf.needs_request:
+            ctx = RequestContext(req, self.ask_info)
+            with request_scope(ctx.request_id):
+                action = await self._run_request_chain(ctx, conf)
+        resp = codec.HTTPReqCallResp(id=req.id, action=action)
+        try:
+            return codec.frame(MsgType.RPC_HTTP_REQ_CALL, codec.encode_http_req_call_resp(resp))
+        except codec.FrameTooLarge:
+            too_big = PayloadTooLarge(
+                "The rewritten request is larger than the 16 MiB the gateway can carry; "
+                "send a smaller request."
+            )
+            resp.action = error_stop(too_big, RequestContext(req, self.ask_info).dialect)
+            return codec.frame(MsgType.RPC_HTTP_REQ_CALL, codec.encode_http_req_call_resp(resp))
+
+    async def _run_request_chain(
+        self, ctx: RequestContext, conf: PreparedConf
+    ) -> codec.Stop | codec.Rewrite | None:
+        for plugin in conf.plugins:
+            handler = plugin.spec.on_request
+            if handler is None:
+                continue
+            try:
+                stop = await handler(ctx, plugin.config)
+            except DeepgateError as err:
+                return error_stop(err, ctx.dialect)
+            except (ConnectionError, asyncio.IncompleteReadError, TimeoutError):
+                raise  # APISIX went away mid-call: nobody to answer
+            except Exception:
+                if _fails_open(plugin):
+                    log.exception("plugin %s failed; on_error=open, going on", plugin.spec.name)
+                    continue
+                log.exception("plugin %s failed; answering 500", plugin.spec.name)
+                return error_stop(_plugin_failure(ctx.request_id), ctx.dialect)
+            if stop is not None:
+                return stop
+        return ctx.rewrite()
+
+    async def http_resp_call(self, req: codec.HTTPRespCallReq) -> bytes:
+        conf = self.runner.confs.get(req.conf_token)
+        if conf is None:
+            raise _Reply(ErrCode.CONF_TOKEN_NOT_FOUND)
+        ctx = ResponseContext(req, self.ask_info)
+        if conf.needs_response:
+            await self._run_response_hooks(ctx, conf)
+        resp = codec.HTTPRespCallResp(
+            id=req.id, status=ctx.new_status, headers=ctx.new_headers, body=ctx.new_body
+        )
+        return codec.frame(MsgType.RPC_HTTP_RESP_CALL, codec.encode_http_resp_call_resp(resp))
+
+    async def _run_response_hooks(self, ctx: ResponseContext, conf: PreparedConf) -> None:
+        for plugin in conf.plugins:
+            hook = plugin.spec.on_response
+            if hook is None:
+                continue
+            try:
+                await hook(ctx, plugin.config)
+            except (ConnectionError, asyncio.IncompleteReadError, TimeoutError):
+                raise
+            except Exception:
+                if _fails_open(plugin):
+                    log.exception("response hook %s failed; on_error=open", plugin.spec.name)
+                    continue
+                log.exception("response hook %s failed; answering 500", plugin.spec.name)
+                stop = error_stop(_plugin_failure(None), "openai")
+                ctx.new_status, ctx.new_headers, ctx.new_body = stop.status, stop.headers, stop.body
+                return
+
+
+def _fails_open(plugin: PreparedPlugin) -> bool:
+    config: Any = plugin.config
+    return getattr(config, "on_error", "closed") == "open"
+
+
+def _plugin_failure(request_id: str | None) -> InternalError:
+    ref = f" (request id {request_id})" if request_id else ""
+    return InternalError(
+        "The gateway could not check this request and refused it to stay safe. Retry; if it "
+        f"keeps failing, give your operator the request id{ref}.",
+        code="plugin_error",
+    )

@@ -51,12 +51,12 @@ def expire_seconds(raw: str | None) -> float:
 
 
 async def serve(path: str, expire_s: float) -> None:
-    runner = Runner(REGISTRY, conf_expire_s=expire_s)
-    await runner.start(path)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
+    runner = Runner(REGISTRY, conf_expire_s=expire_s)
+    await runner.start(path)
     await stopping.wait()
     log.info("stopping")
     await runner.stop(grace_s=1.0)

@@ -74,6 +74,7 @@ class Runner:
         self._idle = asyncio.Event()
         self._idle.set()
         self._var_frames: dict[str, bytes] = {}
+        self._path: str | None = None
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -82,6 +83,7 @@ class Runner:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         self._server = await asyncio.start_unix_server(self._serve, path=path)
+        self._path = path
         # nginx workers run as another user: they must be able to connect.
         os.chmod(path, 0o766)  # noqa: S103 - the protocol requires a world-connectable socket
         log.info("runner listening", extra={"socket": path, "plugins": sorted(self.registry)})
@@ -101,6 +103,9 @@ class Runner:
         if self._server is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 0.5)
+        if self._path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._path)
 
     # --- one connection ---------------------------------------------------------------------
 

@@ -1,0 +1,68 @@
+# deepgate — the two set-up commands are `make run` and `make test`; each installs what it needs.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+RUN_DIR := $(CURDIR)/run
+export HF_HUB_OFFLINE := 1
+
+.PHONY: help install run test lint format typecheck unit integration check-config bench clean
+
+help:
+	@echo "make run           start deepgate locally (installs first)"
+	@echo "make test          lint, types, config check, unit and integration tests (installs first)"
+	@echo "make lint          ruff (lint + format check) and mypy"
+	@echo "make check-config  validate every shipped APISIX route file's plugin confs"
+	@echo "make bench         run the benchmarks (see bench/README.md)"
+
+# The virtual environment, rebuilt when the dependencies change.
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $@
+
+install: $(STAMP)
+
+run: $(STAMP)
+	@mkdir -p $(RUN_DIR)
+	@echo "deepgate plugin runner on unix:$(RUN_DIR)/runner.sock (Ctrl-C stops it)"
+	@echo "point APISIX at it with ext-plugin.path_for_test: $(RUN_DIR)/runner.sock"
+	APISIX_LISTEN_ADDRESS=unix:$(RUN_DIR)/runner.sock APISIX_CONF_EXPIRE_TIME=3600 \
+		exec $(BIN)/python -m plugins.runner
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+check-config: $(STAMP)
+	$(BIN)/deepgate-check-config
+
+unit: $(STAMP)
+	$(BIN)/pytest tests/unit
+
+integration: $(STAMP)
+	$(BIN)/pytest tests/integration
+
+# pytest exits 5 when it collects no test: make stops on that like on any failure.
+test: lint check-config
+	$(BIN)/pytest tests
+	$(BIN)/python bench/runner/bench_runner.py --quick
+
+bench: $(STAMP)
+	$(BIN)/python bench/runner/bench_runner.py
+
+clean:
+	rm -rf $(VENV) $(RUN_DIR) .mypy_cache .ruff_cache .pytest_cache *.egg-info

@@ -179,8 +179,8 @@ _ANTHROPIC_ROLES = frozenset({"user", "assistant"})
 
 
 def dialect_for_path(path: str) -> Dialect:
-    """Which wire format a route speaks: Anthropic Messages on ``.../messages``."""
-    return "anthropic" if path.rstrip("/").endswith("/messages") else "openai"
+    """Which wire format a route speaks: Anthropic Messages under ``.../messages``."""
+    return "anthropic" if "messages" in path.split("/") else "openai"
 
 
 def check_chat_body(body: Any, dialect: Dialect) -> dict[str, Any]:
@@ -214,7 +214,9 @@ def check_chat_body(body: Any, dialect: Dialect) -> dict[str, Any]:
     if dialect == "anthropic":
         system = body.get("system")
         if system is not None and not isinstance(system, str | list):
-            raise InvalidRequest("'system' must be a string or an array of text blocks.")
+            raise InvalidRequest(
+                "'system' must be a string or an array of text blocks.", param="system"
+            )
     return body
 
 
@@ -296,12 +298,16 @@ def _anthropic_message(msg: dict[str, Any]) -> list[ChatMessage]:
     calls: list[ToolCall] = []
     out: list[ChatMessage] = []
     for block in content or []:
+        if not isinstance(block, dict):
+            raise InvalidRequest("Each content block must be an object with a 'type'.")
         kind = block.get("type")
         if kind == "text":
             parts.append(TextPart(text=block.get("text", "")))
         elif kind == "image":
             parts.append(_anthropic_image(block))
         elif kind == "tool_use":
+            if not isinstance(block.get("id"), str) or not isinstance(block.get("name"), str):
+                raise InvalidRequest("A tool_use block needs a string 'id' and 'name'.")
             args = orjson.dumps(block.get("input") or {}).decode()
             calls.append(
                 ToolCall(id=block["id"], function=FunctionCall(name=block["name"], arguments=args))

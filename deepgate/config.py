@@ -63,7 +63,14 @@ def load_yaml(path: str | Path) -> Any:
     except OSError as exc:
         raise ConfigError(f"{p}: cannot read the file ({exc.strerror})") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+        # Name the place, not the text: the broken line may hold an inlined secret.
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        context = getattr(exc, "context_mark", None)
+        if context is not None and (mark is None or context.line != mark.line):
+            where += f" (in what starts at line {context.line + 1})"
+        problem = getattr(exc, "problem", None) or "syntax error"
+        raise ConfigError(f"{p}: not valid YAML{where}: {problem}") from None
 
 
 def load_model(path: str | Path, model: type[M]) -> M:

@@ -29,6 +29,7 @@ Messages must say what went wrong and how to fix it, and must never echo a promp
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 
@@ -74,7 +75,8 @@ class DeepgateError(Exception):
         """Headers a client needs with this error (``Retry-After`` on 429/503, extras)."""
         out = dict(self.headers)
         if self.retry_after is not None:
-            out["retry-after"] = str(max(0, round(self.retry_after)))
+            # Whole seconds, rounded up: a client must not come back before it may.
+            out["retry-after"] = str(max(0, math.ceil(self.retry_after)))
         return out
 
 

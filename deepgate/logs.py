@@ -9,6 +9,7 @@ a logger: log sizes, counts and rule names instead.
 from __future__ import annotations
 
 import contextvars
+import json
 import logging
 import os
 import sys
@@ -57,11 +58,15 @@ class JsonFormatter(logging.Formatter):
         if rid is not None:
             entry["request_id"] = rid
         for key, value in record.__dict__.items():
-            if key not in _STANDARD and not key.startswith("_"):
+            if key not in _STANDARD and key not in entry and not key.startswith("_"):
                 entry[key] = value
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
-        return orjson.dumps(entry, default=str).decode()
+        try:
+            return orjson.dumps(entry, default=str).decode()
+        except orjson.JSONEncodeError:
+            # Text decoded from the wire may hold lone surrogates, which orjson refuses.
+            return json.dumps(entry, default=str)
 
 
 def setup_logging(service: str, level: str | None = None, stream: IO[str] | None = None) -> None:

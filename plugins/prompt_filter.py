@@ -125,8 +125,10 @@ _INVISIBLE = re.compile(
     "[\u00ad\u061c\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u2069\ufeff"
     "\U000e0000-\U000e007f]"
 )
-_SPACE_RUN = re.compile(r"[^\S\r\n]{2,}")  # two or more spaces/tabs inside a line
-_BLANK_LINES = re.compile(r"(?:\r?\n[^\S\r\n]*){3,}")  # three or more line breaks
+# Two or more spaces/tabs after text on a line; leading indentation carries meaning (code, lists).
+_SPACE_RUN = re.compile(r"(?<=\S)[^\S\r\n]{2,}")
+# Three or more line breaks (blank lines between); the next line keeps its indentation.
+_BLANK_LINES = re.compile(r"\r?\n(?:[^\S\r\n]*\r?\n){2,}")
 
 
 def normalize_text(text: str) -> str:

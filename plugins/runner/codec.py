@@ -202,11 +202,16 @@ _I32 = struct.Struct("<i").unpack_from
 
 
 class _Table:
-    """A bounds-checked view of one FlatBuffers table inside ``buf``."""
+    """A bounds-checked view of one FlatBuffers table inside ``buf``.
 
-    __slots__ = ("_buf", "_pos", "_vt", "_vtlen")
+    FlatBuffers lets many offsets point at one object, so a small hostile buffer could name the
+    same large string thousands of times. ``budget`` (shared by every table of one decode) caps
+    the bytes a decode may copy out at a small multiple of the payload's own size.
+    """
 
-    def __init__(self, buf: bytes, pos: int) -> None:
+    __slots__ = ("_budget", "_buf", "_pos", "_vt", "_vtlen")
+
+    def __init__(self, buf: bytes, pos: int, budget: list[int]) -> None:
         n = len(buf)
         if pos < 0 or pos + 4 > n:
             raise ProtocolError("table offset outside the buffer")
@@ -222,6 +227,7 @@ class _Table:
         self._pos = pos
         self._vt = vt
         self._vtlen = vtlen
+        self._budget = budget
 
     def _field(self, slot: int, size: int) -> int:
         """Absolute position of a present field of ``size`` bytes, else 0."""
@@ -271,7 +277,12 @@ class _Table:
 
     def raw(self, slot: int) -> bytes | None:
         start, count = self._vector(slot, 1)
-        return None if count < 0 else self._buf[start : start + count]
+        if count < 0:
+            return None
+        self._budget[0] -= count
+        if self._budget[0] < 0:
+            raise ProtocolError("buffer references the same data too many times")
+        return self._buf[start : start + count]
 
     def string(self, slot: int) -> str | None:
         raw = self.raw(slot)
@@ -280,12 +291,15 @@ class _Table:
 
     def table(self, slot: int) -> _Table | None:
         t = self._target(slot)
-        return None if t < 0 else _Table(self._buf, t)
+        return None if t < 0 else _Table(self._buf, t, self._budget)
 
     def tables(self, slot: int) -> list[_Table]:
         start, count = self._vector(slot, 4)
         buf = self._buf
-        return [_Table(buf, p + _U32(buf, p)[0]) for p in range(start, start + 4 * count, 4)]
+        budget = self._budget
+        return [
+            _Table(buf, p + _U32(buf, p)[0], budget) for p in range(start, start + 4 * count, 4)
+        ]
 
     def entries(self, slot: int) -> Entries:
         return [(t.string(0) or "", t.string(1)) for t in self.tables(slot)]
@@ -294,7 +308,8 @@ class _Table:
 def _root(payload: bytes) -> _Table:
     if len(payload) < 8:
         raise ProtocolError("payload too short to hold a table")
-    return _Table(payload, _U32(payload, 0)[0])
+    # Legitimate buffers copy out less than their own size; allow sharing, never amplification.
+    return _Table(payload, _U32(payload, 0)[0], [2 * len(payload) + 4096])
 
 
 def decode_prepare_conf_req(payload: bytes) -> PrepareConfReq:

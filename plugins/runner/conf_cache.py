@@ -65,6 +65,8 @@ class ConfCache:
     def add(self, key: ConfKey, plugins: list[PreparedPlugin]) -> PreparedConf:
         self._sweep()
         token = self._next_token
+        while token in self._by_token:  # only after 2**32 prepares: never reuse a live one
+            token = token % 0xFFFFFFFF + 1
         # Tokens are uint32 on the wire; skip 0 (it reads as "no token") when wrapping.
         self._next_token = token % 0xFFFFFFFF + 1
         conf = PreparedConf(token=token, key=key, plugins=plugins, last_used=self._clock())

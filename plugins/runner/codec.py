@@ -562,3 +562,28 @@ def encode_http_resp_call_resp(msg: HTTPRespCallResp) -> bytes:
     if body:
         b.PrependUOffsetTRelativeSlot(3, body, 0)
     return _finish(b, b.EndObject())
+
+
+def _no_action_template() -> tuple[bytearray, int]:
+    """A framed HTTPReqCall reply with no action, and where its id sits in it.
+
+    The reply APISIX gets most often differs between calls only in the id, so it is built once
+    and the id patched in (the id field is written even when it is 0, which readers accept).
+    """
+    b = flatbuffers.Builder(32)
+    b.StartObject(3)
+    b.PrependUint32Slot(0, 0xA6A6A6A6, 0)
+    payload = _finish(b, b.EndObject())
+    framed = bytearray(frame(MsgType.RPC_HTTP_REQ_CALL, payload))
+    return framed, framed.index(b"\xa6\xa6\xa6\xa6")
+
+
+_NO_ACTION, _NO_ACTION_ID_AT = _no_action_template()
+_PACK_U32 = struct.Struct("<I").pack_into
+
+
+def no_action_frame(call_id: int) -> bytes:
+    """The framed "go on unchanged" reply to call ``call_id``."""
+    out = bytearray(_NO_ACTION)
+    _PACK_U32(out, _NO_ACTION_ID_AT, call_id)
+    return bytes(out)

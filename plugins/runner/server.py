@@ -82,7 +82,8 @@ class Runner:
         """Listen on the Unix socket ``path``, replacing a stale socket file."""
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-        self._server = await asyncio.start_unix_server(self._serve, path=path)
+        # A deep backlog: APISIX workers may open many connections in one burst.
+        self._server = await asyncio.start_unix_server(self._serve, path=path, backlog=1024)
         self._path = path
         # nginx workers run as another user: they must be able to connect.
         os.chmod(path, 0o766)  # noqa: S103 - the protocol requires a world-connectable socket
@@ -186,15 +187,17 @@ class _Connection:
 
     async def read_frame(self, *, idle_ok: bool = False) -> tuple[int, bytes]:
         """The next frame; waits without limit for its header only between exchanges."""
+        # asyncio.timeout, not wait_for: it needs no task per read (this is the hot path).
         if idle_ok:
             header = await self.reader.readexactly(4)
         else:
-            header = await asyncio.wait_for(self.reader.readexactly(4), FRAME_TIMEOUT_S)
+            async with asyncio.timeout(FRAME_TIMEOUT_S):
+                header = await self.reader.readexactly(4)
         msg_type, size = codec.parse_header(header)
-        payload = (
-            await asyncio.wait_for(self.reader.readexactly(size), FRAME_TIMEOUT_S) if size else b""
-        )
-        return msg_type, payload
+        if not size:
+            return msg_type, b""
+        async with asyncio.timeout(FRAME_TIMEOUT_S):
+            return msg_type, await self.reader.readexactly(size)
 
     async def run(self) -> None:
         runner = self.runner
@@ -267,6 +270,8 @@ class _Connection:
             ctx = RequestContext(req, self.ask_info)
             with request_scope(ctx.request_id):
                 action = await self._run_request_chain(ctx, conf)
+        if action is None:
+            return codec.no_action_frame(req.id)
         resp = codec.HTTPReqCallResp(id=req.id, action=action)
         try:
             return codec.frame(MsgType.RPC_HTTP_REQ_CALL, codec.encode_http_req_call_resp(resp))

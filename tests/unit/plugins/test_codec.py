@@ -668,3 +668,11 @@ def test_our_encoding_reads_back_with_the_official_table_api() -> None:
     entry = Table(buf, stop.Indirect(stop.Vector(headers_off)))
     assert entry.String(entry.Offset(4) + entry.Pos) == b"retry-after"
     assert entry.String(entry.Offset(6) + entry.Pos) == b"3"
+
+
+@pytest.mark.parametrize("call_id", [0, 1, 0xA6A6A6A6, 0xFFFFFFFF])
+def test_prebuilt_no_action_reply_decodes_like_the_built_one(call_id: int) -> None:
+    framed = codec.no_action_frame(call_id)
+    msg_type, size = codec.parse_header(framed[:4])
+    assert (msg_type, size) == (codec.MsgType.RPC_HTTP_REQ_CALL, len(framed) - 4)
+    assert codec.decode_http_req_call_resp(framed[4:]) == codec.HTTPReqCallResp(id=call_id)

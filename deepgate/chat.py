@@ -315,7 +315,11 @@ def _anthropic_message(msg: dict[str, Any]) -> list[ChatMessage]:
         elif kind == "tool_result":
             inner = block.get("content")
             if isinstance(inner, list):
-                inner = "\n".join(b.get("text", "") for b in inner if b.get("type") == "text")
+                inner = "\n".join(
+                    b.get("text", "")
+                    for b in inner
+                    if isinstance(b, dict) and b.get("type") == "text"
+                )
             out.append(
                 ChatMessage(role="tool", tool_call_id=block.get("tool_use_id"), content=inner or "")
             )
@@ -370,4 +374,6 @@ def from_anthropic(body: dict[str, Any]) -> ChatRequest:
         tools=tools or None,
         tool_choice=_anthropic_tool_choice(body.get("tool_choice")),
         user=metadata.get("user_id"),
+        # Anthropic-only settings ride along for an Anthropic target; others ignore them.
+        **{k: body[k] for k in ("top_k", "thinking") if k in body},
     )

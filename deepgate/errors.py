@@ -57,6 +57,8 @@ class DeepgateError(Exception):
         self.code = code if code is not None else self.default_code
         self.retry_after = retry_after
         self.headers = dict(headers or {})
+        # A provider's own error text: kept off client responses unless the operator opts in.
+        self.provider_detail: str | None = None
 
     def to_openai(self) -> dict[str, Any]:
         return {

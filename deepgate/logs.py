@@ -81,3 +81,11 @@ def setup_logging(service: str, level: str | None = None, stream: IO[str] | None
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel((level or os.environ.get("DEEPGATE_LOG_LEVEL") or "INFO").upper())
+    # The SDKs and HTTP clients log whole requests, prompts and headers included, at DEBUG:
+    # they stay at WARNING unless an operator asks for them by name.
+    if not os.environ.get("DEEPGATE_DEBUG_SDK_LOGS"):
+        for name in _CHATTY:
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
+_CHATTY = ("openai", "anthropic", "httpx", "httpx2", "httpcore", "grpc", "aiohttp.access")

@@ -1,0 +1,66 @@
+"""Signed route decisions: the plugin runner decides, the sidecar verifies.
+
+The router plugin picks the chain of targets a request may use and sends it to the sidecar in
+the ``x-deepgate-route`` request header, signed with HMAC-SHA256 under a key both share
+(``DEEPGATE_ROUTE_KEY``). The signature covers the request id, the chain and an expiry, so a
+client that reaches the sidecar directly can neither pick its own route nor replay another
+request's decision for long.
+
+Header value: ``<provider:model>[,<provider:model>...];exp=<unix seconds>;sig=<hex>``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import time
+
+from deepgate.errors import AuthenticationFailed
+
+HEADER = "x-deepgate-route"
+_VERSION = b"deepgate-route-v1"
+
+
+def _mac(key: bytes, request_id: str, chain: str, exp: int) -> str:
+    message = b"\n".join((_VERSION, request_id.encode(), chain.encode(), str(exp).encode()))
+    return hmac.new(key, message, hashlib.sha256).hexdigest()
+
+
+def sign_route(
+    key: bytes, request_id: str, targets: list[str], ttl_s: float = 60.0, now: float | None = None
+) -> str:
+    """The header value that lets ``targets`` serve request ``request_id`` for ``ttl_s``."""
+    chain = ",".join(targets)
+    exp = int((time.time() if now is None else now) + ttl_s)
+    return f"{chain};exp={exp};sig={_mac(key, request_id, chain, exp)}"
+
+
+def verify_route(
+    key: bytes, request_id: str, value: str | None, now: float | None = None
+) -> list[str]:
+    """The signed chain, or ``AuthenticationFailed`` when missing, forged or expired."""
+    if not value:
+        raise _refused("the request carries no signed route")
+    chain, _, rest = value.partition(";")
+    fields = dict(part.partition("=")[::2] for part in rest.split(";") if part)
+    try:
+        exp = int(fields.get("exp", ""))
+    except ValueError:
+        raise _refused("the route header is malformed") from None
+    expected = _mac(key, request_id, chain, exp)
+    if not hmac.compare_digest(expected, fields.get("sig", "")):
+        raise _refused("the route signature does not match")
+    if exp < (time.time() if now is None else now):
+        raise _refused("the route signature has expired")
+    targets = [t for t in chain.split(",") if t]
+    if not targets:
+        raise _refused("the signed route names no target")
+    return targets
+
+
+def _refused(why: str) -> AuthenticationFailed:
+    return AuthenticationFailed(
+        f"This endpoint only serves requests routed by the gateway: {why}. Send requests "
+        "through APISIX, not to the sidecar directly.",
+        code="invalid_route_signature",
+    )

@@ -1,0 +1,1 @@
+"""The deepgate sidecar: provider adapters with fallback behind gRPC and an HTTP face."""

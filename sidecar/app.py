@@ -1,0 +1,133 @@
+"""Assembling a sidecar from its config: providers, dispatcher, the HTTP and gRPC faces.
+
+One asyncio loop serves both faces. ``Sidecar.start`` binds them; ``Sidecar.stop`` stops
+accepting, marks the gRPC health NOT_SERVING, lets requests and streams in flight finish within
+the grace period, and closes the providers' connection pools.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import grpc
+from aiohttp import web
+
+from sidecar.config import ProviderConfig, SidecarConfig
+from sidecar.dispatch import Dispatcher
+from sidecar.grpc_service import DeepgateService, build_grpc_server, stop_grpc_server
+from sidecar.health import HealthBoard
+from sidecar.http_face import Face, build_app
+from sidecar.metrics import Metrics
+from sidecar.providers.base import Provider
+
+log = logging.getLogger(__name__)
+
+Role = Literal["gateway", "pool", "all"]
+ROUTE_KEY_ENV = "DEEPGATE_ROUTE_KEY"
+
+
+def build_provider(name: str, conf: ProviderConfig, connect_s: float) -> Provider | None:
+    """The adapter for one configured provider, or ``None`` when its key is not set."""
+    key = conf.resolved_key()
+    base_url = conf.resolved_base_url()
+    if key is None or base_url is None:
+        return None
+    if conf.kind == "openai_compat":
+        from sidecar.providers.openai_compat import OpenAICompatProvider
+
+        return OpenAICompatProvider(name, key, base_url, connect_timeout_s=connect_s)
+    if conf.kind == "anthropic":
+        from sidecar.providers.anthropic import AnthropicProvider
+
+        return AnthropicProvider(key, base_url, connect_timeout_s=connect_s)
+    return None  # "local" is served by the inference pool
+
+
+def build_providers(config: SidecarConfig) -> dict[str, Provider]:
+    providers: dict[str, Provider] = {}
+    for name, conf in config.providers.items():
+        provider = build_provider(name, conf, config.deadlines.connect_s)
+        if provider is None:
+            log.warning("provider %s is not available: its key (%s) is not set", name, conf.api_key)
+        else:
+            providers[name] = provider
+    return providers
+
+
+def route_key_from_env() -> bytes | None:
+    key = os.environ.get(ROUTE_KEY_ENV)
+    if not key:
+        log.warning(
+            "running without route signatures: %s is not set, so requests are routed by their "
+            "model alias and anyone who reaches this sidecar directly can use it",
+            ROUTE_KEY_ENV,
+        )
+        return None
+    return key.encode()
+
+
+@dataclass
+class Sidecar:
+    config: SidecarConfig
+    role: Role
+    http_address: tuple[str, int] | None
+    grpc_address: str | None
+    providers: dict[str, Provider] = field(default_factory=dict)
+    route_key: bytes | None = None
+    http_port: int = 0
+    grpc_port: int = 0
+
+    def __post_init__(self) -> None:
+        self.metrics = Metrics()
+        self.board = HealthBoard(self.config.breaker)
+        self.dispatcher = Dispatcher(self.config, self.providers, self.board, self.metrics)
+        self._http: web.AppRunner | None = None
+        self._grpc: grpc.aio.Server | None = None
+        self._service: DeepgateService | None = None
+
+    async def start(self) -> None:
+        if self.grpc_address is not None:
+            self._service = DeepgateService(self.dispatcher, self.board, self.config)
+            server, self.grpc_port = await build_grpc_server(
+                self._service, self.grpc_address, self.role
+            )
+            await server.start()
+            self._grpc = server
+        if self.http_address is not None:
+            face = Face(self.config, self.dispatcher, self.metrics, self.route_key)
+            self._http = web.AppRunner(
+                build_app(face), access_log=None, shutdown_timeout=self.config.shutdown_grace_s
+            )
+            await self._http.setup()
+            host, port = self.http_address
+            site = web.TCPSite(self._http, host, port)
+            await site.start()
+            sockets = getattr(site._server, "sockets", None)
+            if sockets:
+                self.http_port = sockets[0].getsockname()[1]
+        log.info(
+            "sidecar serving",
+            extra={
+                "role": self.role,
+                "http_port": self.http_port,
+                "grpc_port": self.grpc_port,
+                "providers": sorted(self.providers),
+                "route_signatures": self.route_key is not None,
+            },
+        )
+
+    async def stop(self) -> None:
+        grace = self.config.shutdown_grace_s
+        stops: list[Awaitable[object]] = []
+        if self._grpc is not None and self._service is not None:
+            stops.append(stop_grpc_server(self._grpc, self._service, grace))
+        if self._http is not None:
+            stops.append(self._http.cleanup())
+        await asyncio.gather(*stops, return_exceptions=True)
+        for provider in self.providers.values():
+            await provider.aclose()

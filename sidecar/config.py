@@ -1,0 +1,124 @@
+"""The sidecar's configuration: providers, model aliases, deadlines, retries and breakers.
+
+The shipped default is ``sidecar/default.yaml``; ``--config FILE`` replaces it. Keys are secret
+references (``$env://NAME``), never values: a provider whose key variable is unset is simply not
+available, and chains skip it (the start-up log says which). Base URLs come from the usual
+variables (``DEEPSEEK_BASE_URL``, ``OPENAI_BASE_URL``, ``ANTHROPIC_BASE_URL``) when set.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from deepgate.config import StrictModel, is_secret_ref, load_model
+
+DEFAULT_CONFIG = Path(__file__).with_name("default.yaml")
+
+ProviderKind = Literal["openai_compat", "anthropic", "local"]
+
+
+class ProviderConfig(StrictModel):
+    kind: ProviderKind
+    api_key: str | None = None  # a secret reference, e.g. $env://DEEPSEEK_API_KEY
+    base_url: str | None = None
+    base_url_env: str | None = None  # a variable that overrides base_url when set
+    region: str = "global"
+
+    @field_validator("api_key")
+    @classmethod
+    def _key_is_a_reference(cls, value: str | None) -> str | None:
+        if value is not None and not is_secret_ref(value):
+            raise ValueError("api_key must be a secret reference such as $env://OPENAI_API_KEY")
+        return value
+
+    def resolved_key(self) -> str | None:
+        """The key, or ``None`` when its variable is unset or empty (provider unavailable)."""
+        if self.api_key is None:
+            return None
+        return os.environ.get(self.api_key.removeprefix("$env://")) or None
+
+    def resolved_base_url(self) -> str | None:
+        if self.base_url_env and os.environ.get(self.base_url_env):
+            return os.environ[self.base_url_env]
+        return self.base_url
+
+
+class Target(StrictModel):
+    """One (provider, model) a chain may call."""
+
+    provider: str
+    model: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.provider}:{self.model}"
+
+    @classmethod
+    def parse(cls, text: str) -> Target:
+        provider, sep, model = text.partition(":")
+        if not sep or not provider or not model:
+            raise ValueError(f"a target is written provider:model (got {text!r})")
+        return cls(provider=provider, model=model)
+
+
+class Deadlines(StrictModel):
+    connect_s: float = Field(default=5.0, gt=0)
+    first_token_s: float = Field(default=60.0, gt=0)
+    total_s: float = Field(default=600.0, gt=0)
+
+
+class Retries(StrictModel):
+    attempts: int = Field(default=2, ge=1, le=10)  # tries per target, the first included
+    backoff_base_s: float = Field(default=0.2, ge=0)
+    backoff_max_s: float = Field(default=4.0, ge=0)
+    # A Retry-After longer than this is not waited for: the next target is tried instead.
+    max_wait_s: float = Field(default=2.0, ge=0)
+
+
+class Breaker(StrictModel):
+    consecutive_failures: int = Field(default=5, ge=1)
+    error_rate: float = Field(default=0.5, gt=0, le=1)
+    min_calls: int = Field(default=20, ge=1)  # calls in the window before the rate counts
+    window_s: float = Field(default=30.0, gt=0)
+    open_s: float = Field(default=15.0, gt=0)  # how long an open breaker refuses calls
+    half_open_probes: int = Field(default=1, ge=1)
+
+
+class SidecarConfig(StrictModel):
+    providers: dict[str, ProviderConfig]
+    aliases: dict[str, list[str]]
+    embedding_models: list[str] = Field(default_factory=list)
+    deadlines: Deadlines = Field(default_factory=Deadlines)
+    retries: Retries = Field(default_factory=Retries)
+    breaker: Breaker = Field(default_factory=Breaker)
+    expose_provider_errors: bool = False  # pass a provider's own error text to clients
+    shutdown_grace_s: float = Field(default=10.0, ge=0)
+
+    @model_validator(mode="after")
+    def _chains_name_known_providers(self) -> SidecarConfig:
+        for alias, chain in self.aliases.items():
+            if not chain:
+                raise ValueError(f"aliases.{alias}: a chain needs at least one target")
+            for i, text in enumerate(chain):
+                try:
+                    target = Target.parse(text)
+                except ValueError as exc:
+                    raise ValueError(f"aliases.{alias}[{i}]: {exc}") from None
+                if target.provider not in self.providers:
+                    raise ValueError(
+                        f"aliases.{alias}[{i}]: unknown provider {target.provider!r}; "
+                        f"add it under providers or fix the name"
+                    )
+        return self
+
+    def chain(self, alias: str) -> list[Target]:
+        return [Target.parse(t) for t in self.aliases[alias]]
+
+
+def load_config(path: str | Path | None = None) -> SidecarConfig:
+    """Load and validate a sidecar config (the shipped default when ``path`` is None)."""
+    return load_model(path or DEFAULT_CONFIG, SidecarConfig)

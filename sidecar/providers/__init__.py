@@ -1,0 +1,1 @@
+"""Provider adapters, one official SDK each, behind the contract in ``base``."""

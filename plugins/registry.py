@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from plugins import prompt_filter
+from plugins import auth_bridge, prompt_filter
 from plugins.base import PluginSpec
 
 
@@ -15,4 +15,4 @@ def build_registry(specs: list[PluginSpec]) -> dict[str, PluginSpec]:
     return registry
 
 
-REGISTRY = build_registry([prompt_filter.SPEC])
+REGISTRY = build_registry([auth_bridge.SPEC, prompt_filter.SPEC])

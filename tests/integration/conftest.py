@@ -26,7 +26,7 @@ import pytest
 from pydantic import Field
 
 from devgateway.driver import RunnerConnection
-from plugins import prompt_filter
+from plugins import auth_bridge, prompt_filter
 from plugins.base import PluginConfig, PluginSpec, RequestContext, ResponseContext
 from plugins.registry import build_registry
 from plugins.runner import codec
@@ -165,6 +165,7 @@ async def upper_response(ctx: ResponseContext, conf: UpperConfig) -> None:
 
 TEST_REGISTRY = build_registry(
     [
+        auth_bridge.SPEC,
         prompt_filter.SPEC,
         PluginSpec("test-slow", SlowConfig, on_request=slow),
         PluginSpec("test-boom", BoomConfig, on_request=boom, on_response=boom_response),

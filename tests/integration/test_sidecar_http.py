@@ -350,3 +350,25 @@ async def test_signed_routes_are_required_when_a_key_is_set(
             )
     finally:
         await stop_stack(s)
+
+
+async def test_connection_refused_falls_back(stack: Stack) -> None:
+    await stack.deepseek.stop()  # nothing listens on DeepSeek's port any more
+    raw = await stack.oa().chat.completions.with_raw_response.create(
+        model="deepseek-chat", messages=HI
+    )
+    assert raw.headers["x-deepgate-route"] == "openai:gpt-5-mini"
+
+
+async def test_a_hanging_provider_times_out_and_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    s = await make_stack(monkeypatch)
+    try:
+        deadlines = s.sidecar.config.deadlines.model_copy(update={"first_token_s": 0.5})
+        s.sidecar.dispatcher.config = s.sidecar.config.model_copy(update={"deadlines": deadlines})
+        s.deepseek.behave(hang=True)
+        raw = await s.oa().chat.completions.with_raw_response.create(
+            model="deepseek-chat", messages=HI
+        )
+        assert raw.headers["x-deepgate-route"] == "openai:gpt-5-mini"
+    finally:
+        await stop_stack(s)

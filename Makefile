@@ -34,12 +34,9 @@ $(PROTO_STAMP): $(STAMP) $(wildcard proto/deepgate/v1/*.proto) proto/generate.py
 
 install: $(STAMP) $(PROTO_STAMP)
 
+# The whole stack on 127.0.0.1:$${DEEPGATE_PORT:-9080}: sidecar, APISIX stand-in, plugin runner.
 run: install
-	@mkdir -p $(RUN_DIR)
-	@echo "deepgate plugin runner on unix:$(RUN_DIR)/runner.sock (Ctrl-C stops it)"
-	@echo "point APISIX at it with ext-plugin.path_for_test: $(RUN_DIR)/runner.sock"
-	APISIX_LISTEN_ADDRESS=unix:$(RUN_DIR)/runner.sock APISIX_CONF_EXPIRE_TIME=3600 \
-		exec $(BIN)/python -m plugins.runner
+	exec $(BIN)/python -m devgateway.launch
 
 lint: install
 	$(BIN)/ruff check .

@@ -265,7 +265,10 @@ async def test_response_rewrite_gives_401s_the_sdk_shape(
     serve: Serve, upstream: tuple[int, list[Any]]
 ) -> None:
     port, _ = upstream
-    body = '{"error": {"message": "bad key", "type": "authentication_error", "param": null, "code": "invalid_api_key"}}'
+    body = (
+        '{"error": {"message": "bad key", "type": "authentication_error", "param": null, '
+        '"code": "invalid_api_key"}}'
+    )
     rewrite = {
         "vars": [["status", "==", 401]],
         "headers": {"set": {"content-type": "application/json"}},

@@ -163,9 +163,8 @@ class GatewayTimeout(DeepgateError):
     grpc_code = "DEADLINE_EXCEEDED"
 
 
-# Leaf classes that own a gRPC code; the reverse projection picks the first listed for a code.
-_BY_GRPC: dict[str, type[DeepgateError]] = {}
-for _cls in (
+# The classes the reverse projections return; for a shared status or gRPC code, the first listed.
+TABLE: tuple[type[DeepgateError], ...] = (
     InvalidRequest,
     AuthenticationFailed,
     PermissionDenied,
@@ -176,8 +175,12 @@ for _cls in (
     UpstreamError,
     ServiceUnavailable,
     GatewayTimeout,
-):
+)
+_BY_GRPC: dict[str, type[DeepgateError]] = {}
+_BY_STATUS: dict[int, type[DeepgateError]] = {}
+for _cls in TABLE:
     _BY_GRPC.setdefault(_cls.grpc_code, _cls)
+    _BY_STATUS.setdefault(_cls.status, _cls)
 
 _CODE_CLASSES: dict[str | None, type[DeepgateError]] = {
     "context_length_exceeded": ContextLengthExceeded,
@@ -188,4 +191,10 @@ _CODE_CLASSES: dict[str | None, type[DeepgateError]] = {
 def from_grpc_code(grpc_code: str, message: str, *, code: str | None = None) -> DeepgateError:
     """Rebuild the error a peer raised from its gRPC status name (and our ``code`` detail)."""
     cls = _CODE_CLASSES.get(code) or _BY_GRPC.get(grpc_code, InternalError)
+    return cls(message, code=code)
+
+
+def from_http_status(status: int, message: str, *, code: str | None = None) -> DeepgateError:
+    """Rebuild an error from its HTTP status (and our ``code`` detail)."""
+    cls = _CODE_CLASSES.get(code) or _BY_STATUS.get(status, InternalError)
     return cls(message, code=code)

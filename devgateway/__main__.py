@@ -20,6 +20,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from deepgate import aio
 from deepgate.config import ConfigError
 from deepgate.logs import setup_logging
 from devgateway.conf import load
@@ -85,11 +86,7 @@ async def serve(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> None:
     setup_logging("devgateway")
     args = parse_args(argv)
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover
-        sys.exit(asyncio.run(serve(args)))
-    sys.exit(uvloop.run(serve(args)))
+    sys.exit(aio.run(serve(args)))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import logging
 import signal
 import sys
 
+from deepgate import aio
 from deepgate.config import ConfigError
 from deepgate.logs import setup_logging
 
@@ -92,11 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.check_config:
         sys.exit(check_config(args.config))
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        sys.exit(asyncio.run(serve(args)))
-    sys.exit(uvloop.run(serve(args)))
+    sys.exit(aio.run(serve(args)))
 
 
 if __name__ == "__main__":

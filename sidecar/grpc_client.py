@@ -18,37 +18,8 @@ from typing import Any
 import grpc
 import orjson
 
-from deepgate.errors import (
-    AuthenticationFailed,
-    DeepgateError,
-    GatewayTimeout,
-    InternalError,
-    InvalidRequest,
-    NotFound,
-    PayloadTooLarge,
-    PermissionDenied,
-    RateLimited,
-    ServiceUnavailable,
-    UpstreamError,
-    from_grpc_code,
-)
+from deepgate.errors import DeepgateError, from_grpc_code, from_http_status
 from sidecar._proto.deepgate.v1 import deepgate_pb2, deepgate_pb2_grpc
-
-# An in-stream error carries the HTTP status, not the gRPC code: map it back through the table.
-_GRPC_BY_STATUS: dict[int, str] = {}
-for _cls in (
-    InvalidRequest,
-    AuthenticationFailed,
-    PermissionDenied,
-    NotFound,
-    PayloadTooLarge,
-    RateLimited,
-    InternalError,
-    UpstreamError,
-    ServiceUnavailable,
-    GatewayTimeout,
-):
-    _GRPC_BY_STATUS.setdefault(_cls.status, _cls.grpc_code)
 
 
 async def chat(
@@ -128,8 +99,8 @@ def error_from_status(err: grpc.aio.AioRpcError) -> DeepgateError:
 
 def error_from_chunk(error: deepgate_pb2.Error) -> DeepgateError:
     """The ``DeepgateError`` a stream ended with after it started."""
-    grpc_code = _GRPC_BY_STATUS.get(error.http_status, InternalError.grpc_code)
-    return from_grpc_code(grpc_code, error.message, code=error.code or None)
+    # An in-stream error carries the HTTP status, not the gRPC code.
+    return from_http_status(error.http_status, error.message, code=error.code or None)
 
 
 def _request(

@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 
+from deepgate import aio
 from deepgate.logs import setup_logging
 from plugins.registry import REGISTRY
 from plugins.runner.server import Runner
@@ -71,12 +72,7 @@ def main() -> None:
     except StartupError as exc:
         log.error("%s", exc)
         sys.exit(2)
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        asyncio.run(serve(path, expire_s))
-    else:
-        uvloop.run(serve(path, expire_s))
+    aio.run(serve(path, expire_s))
 
 
 if __name__ == "__main__":

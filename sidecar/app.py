@@ -22,6 +22,7 @@ from sidecar.dispatch import Dispatcher
 from sidecar.grpc_service import DeepgateService, build_grpc_server, stop_grpc_server
 from sidecar.health import HealthBoard
 from sidecar.http_face import Face, build_app
+from sidecar.inference import Inference
 from sidecar.metrics import Metrics
 from sidecar.providers.base import Provider
 
@@ -79,6 +80,7 @@ class Sidecar:
     grpc_address: str | None
     providers: dict[str, Provider] = field(default_factory=dict)
     route_key: bytes | None = None
+    inference: Inference | None = None  # the pool's models, local or remote
     http_port: int = 0
     grpc_port: int = 0
 
@@ -92,14 +94,16 @@ class Sidecar:
 
     async def start(self) -> None:
         if self.grpc_address is not None:
-            self._service = DeepgateService(self.dispatcher, self.board, self.config)
+            self._service = DeepgateService(
+                self.dispatcher, self.board, self.config, self.inference
+            )
             server, self.grpc_port = await build_grpc_server(
                 self._service, self.grpc_address, self.role
             )
             await server.start()
             self._grpc = server
         if self.http_address is not None:
-            face = Face(self.config, self.dispatcher, self.metrics, self.route_key)
+            face = Face(self.config, self.dispatcher, self.metrics, self.route_key, self.inference)
             self._http = web.AppRunner(
                 build_app(face), access_log=None, shutdown_timeout=self.config.shutdown_grace_s
             )

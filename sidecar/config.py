@@ -88,6 +88,20 @@ class Breaker(StrictModel):
     half_open_probes: int = Field(default=1, ge=1)
 
 
+class PoolConfig(StrictModel):
+    """The inference pool: models run in this process (roles pool, all) or replicas to call."""
+
+    addresses: list[str] = Field(default_factory=list)  # gateway role: pool replicas, host:port
+    embedding_model: str = "all-MiniLM-L6-v2"
+    classifier_model: str = "deepgate-safety"
+    local_chat: bool = True  # serve the local chat model (provider "local") in this process
+    max_batch_size: int = Field(default=32, ge=1, le=1024)
+    max_wait_ms: float = Field(default=5.0, ge=0)
+    max_queue: int = Field(default=1024, ge=1)
+    workers: int = Field(default=1, ge=1)
+    torch_threads: int = Field(default=1, ge=1)  # leave cores for the event loop
+
+
 class SidecarConfig(StrictModel):
     providers: dict[str, ProviderConfig]
     aliases: dict[str, list[str]]
@@ -95,6 +109,7 @@ class SidecarConfig(StrictModel):
     deadlines: Deadlines = Field(default_factory=Deadlines)
     retries: Retries = Field(default_factory=Retries)
     breaker: Breaker = Field(default_factory=Breaker)
+    pool: PoolConfig = Field(default_factory=PoolConfig)
     expose_provider_errors: bool = False  # pass a provider's own error text to clients
     shutdown_grace_s: float = Field(default=10.0, ge=0)
 

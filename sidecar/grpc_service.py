@@ -38,6 +38,7 @@ from sidecar._proto.deepgate.v1 import deepgate_pb2, deepgate_pb2_grpc
 from sidecar.config import SidecarConfig, Target
 from sidecar.dispatch import Dispatcher
 from sidecar.health import HealthBoard
+from sidecar.inference import Inference
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +51,8 @@ SERVICE_NAME: str = deepgate_pb2.DESCRIPTOR.services_by_name["Deepgate"].full_na
 # Chat bodies carry base64 images; gRPC's default 4 MiB limit would refuse ordinary vision calls.
 MAX_MESSAGE_BYTES = 32 * 1024 * 1024
 _POOL_ONLY = (
-    "{rpc} is served by the inference pool (sidecar role 'pool'), which is not part of this "
-    "build; this sidecar serves Chat, ChatStream and ProviderStats."
+    "{rpc} is served by the inference pool: run the sidecar with --role pool or all, or give "
+    "this gateway the pool's addresses (pool.addresses in its config)."
 )
 
 
@@ -63,10 +64,17 @@ class DeepgateService(deepgate_pb2_grpc.DeepgateServicer):
     first report NOT_SERVING and let load balancers drain it.
     """
 
-    def __init__(self, dispatcher: Dispatcher, board: HealthBoard, config: SidecarConfig) -> None:
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        board: HealthBoard,
+        config: SidecarConfig,
+        inference: Inference | None = None,
+    ) -> None:
         self.dispatcher = dispatcher
         self.board = board
         self.config = config
+        self.inference = inference
         self.health = health.aio.HealthServicer()
 
     async def set_serving(self, serving: bool) -> None:
@@ -161,7 +169,21 @@ class DeepgateService(deepgate_pb2_grpc.DeepgateServicer):
         request: deepgate_pb2.EmbedRequest,
         context: grpc.aio.ServicerContext[deepgate_pb2.EmbedRequest, deepgate_pb2.EmbedResponse],
     ) -> deepgate_pb2.EmbedResponse:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, _POOL_ONLY.format(rpc="Embed"))
+        inference = await self._pool(context, "Embed")
+
+        async def embed() -> deepgate_pb2.EmbedResponse:
+            deadline = _deadline(request.envelope, context.time_remaining())
+            async with _until(deadline):
+                out = await inference.embed(request.model, list(request.inputs), _on_loop(deadline))
+            await _report_depth(context, inference)
+            usage = deepgate_pb2.Usage(
+                prompt_tokens=out.prompt_tokens, total_tokens=out.prompt_tokens
+            )
+            vectors = [deepgate_pb2.Vector(values=v) for v in out.vectors]
+            return deepgate_pb2.EmbedResponse(model=out.model, vectors=vectors, usage=usage)
+
+        with request_scope(request.envelope.request_id or None):
+            return await _unary(context, "Embed", embed)
 
     async def Classify(
         self,
@@ -170,7 +192,26 @@ class DeepgateService(deepgate_pb2_grpc.DeepgateServicer):
             deepgate_pb2.ClassifyRequest, deepgate_pb2.ClassifyResponse
         ],
     ) -> deepgate_pb2.ClassifyResponse:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, _POOL_ONLY.format(rpc="Classify"))
+        inference = await self._pool(context, "Classify")
+
+        async def classify() -> deepgate_pb2.ClassifyResponse:
+            deadline = _deadline(request.envelope, context.time_remaining())
+            async with _until(deadline):
+                scores = await inference.classify(
+                    request.model, list(request.texts), _on_loop(deadline)
+                )
+            await _report_depth(context, inference)
+            results = [deepgate_pb2.LabelScores(scores=s) for s in scores]
+            return deepgate_pb2.ClassifyResponse(model=request.model, results=results)
+
+        with request_scope(request.envelope.request_id or None):
+            return await _unary(context, "Classify", classify)
+
+    async def _pool(self, context: grpc.aio.ServicerContext[Any, Any], rpc: str) -> Inference:
+        if self.inference is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, _POOL_ONLY.format(rpc=rpc))
+        assert self.inference is not None
+        return self.inference
 
     # --- provider health ------------------------------------------------------------------
 
@@ -337,6 +378,18 @@ def _usage(usage: Any) -> deepgate_pb2.Usage | None:
 def _count(obj: Any, key: str) -> int:
     value = obj.get(key) if isinstance(obj, dict) else None
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _on_loop(deadline: float | None) -> float | None:
+    """A monotonic deadline on the running loop's clock (what the pool's batcher reads)."""
+    if deadline is None:
+        return None
+    return asyncio.get_running_loop().time() + (deadline - time.monotonic())
+
+
+async def _report_depth(context: grpc.aio.ServicerContext[Any, Any], inference: Inference) -> None:
+    """Tell callers how busy this replica is; gateways balance on it."""
+    context.set_trailing_metadata((("deepgate-queue-depth", str(await inference.queue_depth())),))
 
 
 def _deadline(envelope: deepgate_pb2.Envelope, grpc_left: float | None) -> float | None:

@@ -14,7 +14,10 @@ endpoint's SDK with the status from deepgate's error table.
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import logging
+import struct
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -39,6 +42,7 @@ from sidecar.config import SidecarConfig, Target
 from sidecar.dispatch import Dispatcher
 from sidecar.faces import anthropic as anthropic_face
 from sidecar.faces import openai as openai_face
+from sidecar.inference import Inference
 from sidecar.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from sidecar.metrics import Metrics
 
@@ -55,6 +59,7 @@ class Face:
     dispatcher: Dispatcher
     metrics: Metrics
     route_key: bytes | None
+    inference: Inference | None = None
 
     # --- helpers ----------------------------------------------------------------------------
 
@@ -150,8 +155,47 @@ class Face:
         await resp.write_eof()
         return resp
 
+    async def embeddings(self, request: web.Request) -> web.StreamResponse:
+        """OpenAI's embeddings endpoint, served by the inference pool."""
+        try:
+            body = orjson.loads(await request.read())
+        except orjson.JSONDecodeError:
+            raise InvalidRequest("The request body is not valid JSON.") from None
+        if not isinstance(body, dict) or not isinstance(body.get("model"), str):
+            raise InvalidRequest("Missing required parameter 'model' (a string).", param="model")
+        inputs = body.get("input")
+        inputs = [inputs] if isinstance(inputs, str) else inputs
+        if not isinstance(inputs, list) or not all(isinstance(i, str) for i in inputs):
+            raise InvalidRequest(
+                "'input' must be a string or an array of strings (token arrays are not supported).",
+                param="input",
+            )
+        encoding = body.get("encoding_format") or "float"
+        if encoding not in ("float", "base64"):
+            raise InvalidRequest(
+                "'encoding_format' must be 'float' or 'base64'.", param="encoding_format"
+            )
+        if self.inference is None:
+            raise ServiceUnavailable(
+                "No inference pool serves embeddings here: run the sidecar with --role all or "
+                "pool, or give it the pool's addresses.",
+                code="no_pool",
+            )
+        deadline = asyncio.get_running_loop().time() + self.config.deadlines.total_s
+        out = await self.inference.embed(body["model"], inputs, deadline)
+        data = [
+            {"object": "embedding", "index": i, "embedding": _encode_vector(v, encoding)}
+            for i, v in enumerate(out.vectors)
+        ]
+        usage = {"prompt_tokens": out.prompt_tokens, "total_tokens": out.prompt_tokens}
+        return web.Response(
+            body=orjson.dumps({"object": "list", "data": data, "model": out.model, "usage": usage}),
+            content_type="application/json",
+        )
+
     async def models(self, request: web.Request) -> web.StreamResponse:
-        ids = [*self.dispatcher.models(), *self.config.embedding_models]
+        pooled = self.inference.embedding_models() if self.inference is not None else []
+        ids = [*self.dispatcher.models(), *dict.fromkeys([*self.config.embedding_models, *pooled])]
         data = [{"id": m, "object": "model", "created": 0, "owned_by": "deepgate"} for m in ids]
         return web.json_response({"object": "list", "data": data}, dumps=_dumps)
 
@@ -224,6 +268,13 @@ def _http_error(exc: web.HTTPException) -> DeepgateError:
     return InvalidRequest(exc.reason or "Bad request.")
 
 
+def _encode_vector(vector: list[float], encoding: str) -> list[float] | str:
+    if encoding == "float":
+        return vector
+    # What the OpenAI SDK decodes: little-endian float32, base64.
+    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+
+
 def _dumps(value: Any) -> str:
     return orjson.dumps(value).decode()
 
@@ -233,6 +284,7 @@ def build_app(face: Face) -> web.Application:
     app.router.add_post("/v1/chat/completions", face.chat_completions)
     app.router.add_post("/chat/completions", face.chat_completions)
     app.router.add_post("/v1/messages", face.messages)
+    app.router.add_post("/v1/embeddings", face.embeddings)
     app.router.add_get("/v1/models", face.models)
     app.router.add_get("/healthz", face.healthz)
     app.router.add_get("/metrics", face.metrics_page)

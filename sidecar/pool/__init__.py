@@ -1,0 +1,1 @@
+"""The inference pool: models deepgate runs itself, behind dynamic micro-batching."""

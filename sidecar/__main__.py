@@ -55,8 +55,9 @@ def check_config(path: str | None) -> int:
 
 
 async def serve(args: argparse.Namespace) -> int:
-    from sidecar.app import Sidecar, build_providers, route_key_from_env
+    from sidecar.app import Sidecar, build_local_inference, build_providers, route_key_from_env
     from sidecar.config import load_config
+    from sidecar.metrics import Metrics
 
     try:
         config = load_config(args.config)
@@ -68,6 +69,14 @@ async def serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
     providers = build_providers(config) if args.role in ("gateway", "all") else {}
+    metrics = Metrics()
+    inference = None
+    if args.role in ("pool", "all"):
+        try:
+            inference = await asyncio.to_thread(build_local_inference, config, metrics)
+        except (RuntimeError, OSError, ImportError) as exc:
+            log.error("cannot start the inference pool: %s", exc)
+            return 2
     sidecar = Sidecar(
         config,
         args.role,
@@ -75,6 +84,8 @@ async def serve(args: argparse.Namespace) -> int:
         grpc_address=f"{args.grpc[0]}:{args.grpc[1]}",
         providers=providers,
         route_key=route_key_from_env(),
+        inference=inference,
+        metrics=metrics,
     )
     try:
         await sidecar.start()

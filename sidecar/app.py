@@ -22,7 +22,7 @@ from sidecar.dispatch import Dispatcher
 from sidecar.grpc_service import DeepgateService, build_grpc_server, stop_grpc_server
 from sidecar.health import HealthBoard
 from sidecar.http_face import Face, build_app
-from sidecar.inference import Inference
+from sidecar.inference import Inference, LocalInference
 from sidecar.metrics import Metrics
 from sidecar.providers.base import Provider
 
@@ -60,6 +60,25 @@ def build_providers(config: SidecarConfig) -> dict[str, Provider]:
     return providers
 
 
+def build_local_inference(config: SidecarConfig, metrics: Metrics) -> LocalInference:
+    """The pool's models in this process (roles pool and all); loads weights, so call it once."""
+    from sidecar.pool.batcher import MicroBatcher, Pool, PoolMetrics, pick_device
+    from sidecar.pool.embeddings import EmbeddingModel
+
+    conf = config.pool
+    device = pick_device()
+    embedder = EmbeddingModel(device, conf.max_batch_size, conf.torch_threads)
+    pool_metrics = PoolMetrics(metrics.registry)
+    batcher = MicroBatcher(
+        embedder,
+        max_wait_ms=conf.max_wait_ms,
+        max_queue=conf.max_queue,
+        metrics=pool_metrics,
+    )
+    log.info("pool models loaded", extra={"device": device, "models": [embedder.name]})
+    return LocalInference(Pool({embedder.name: batcher}), embedder, embedding=[embedder.name])
+
+
 def route_key_from_env() -> bytes | None:
     key = os.environ.get(ROUTE_KEY_ENV)
     if not key:
@@ -81,11 +100,11 @@ class Sidecar:
     providers: dict[str, Provider] = field(default_factory=dict)
     route_key: bytes | None = None
     inference: Inference | None = None  # the pool's models, local or remote
+    metrics: Metrics = field(default_factory=Metrics)
     http_port: int = 0
     grpc_port: int = 0
 
     def __post_init__(self) -> None:
-        self.metrics = Metrics()
         self.board = HealthBoard(self.config.breaker)
         self.dispatcher = Dispatcher(self.config, self.providers, self.board, self.metrics)
         self._http: web.AppRunner | None = None
@@ -133,5 +152,7 @@ class Sidecar:
         if self._http is not None:
             stops.append(self._http.cleanup())
         await asyncio.gather(*stops, return_exceptions=True)
+        if isinstance(self.inference, LocalInference):
+            await self.inference.pool.drain(grace)
         for provider in self.providers.values():
             await provider.aclose()

@@ -55,7 +55,13 @@ def check_config(path: str | None) -> int:
 
 
 async def serve(args: argparse.Namespace) -> int:
-    from sidecar.app import Sidecar, build_local_inference, build_providers, route_key_from_env
+    from sidecar.app import (
+        Sidecar,
+        build_local_chat,
+        build_local_inference,
+        build_providers,
+        route_key_from_env,
+    )
     from sidecar.config import load_config
     from sidecar.metrics import Metrics
 
@@ -74,6 +80,9 @@ async def serve(args: argparse.Namespace) -> int:
     if args.role in ("pool", "all"):
         try:
             inference = await asyncio.to_thread(build_local_inference, config, metrics)
+            local = [p for p, c in config.providers.items() if c.kind == "local"]
+            if config.pool.local_chat and local:
+                providers[local[0]] = await asyncio.to_thread(build_local_chat, config)
         except (RuntimeError, OSError, ImportError) as exc:
             log.error("cannot start the inference pool: %s", exc)
             return 2

@@ -52,6 +52,8 @@ def build_provider(name: str, conf: ProviderConfig, connect_s: float) -> Provide
 def build_providers(config: SidecarConfig) -> dict[str, Provider]:
     providers: dict[str, Provider] = {}
     for name, conf in config.providers.items():
+        if conf.kind == "local":
+            continue  # the pool's model: built with the pool (build_local_inference)
         provider = build_provider(name, conf, config.deadlines.connect_s)
         if provider is None:
             log.warning("provider %s is not available: its key (%s) is not set", name, conf.api_key)
@@ -77,6 +79,17 @@ def build_local_inference(config: SidecarConfig, metrics: Metrics) -> LocalInfer
     )
     log.info("pool models loaded", extra={"device": device, "models": [embedder.name]})
     return LocalInference(Pool({embedder.name: batcher}), embedder, embedding=[embedder.name])
+
+
+def build_local_chat(config: SidecarConfig) -> Provider:
+    """The ``local`` provider on the pool's chat model; loads weights, so call it once."""
+    from sidecar.pool.batcher import pick_device
+    from sidecar.pool.local_llm import LocalChatModel
+    from sidecar.providers.local import LocalProvider
+
+    model = LocalChatModel(pick_device(), config.pool.torch_threads)
+    log.info("local chat model loaded", extra={"device": model.device})
+    return LocalProvider(model)
 
 
 def route_key_from_env() -> bytes | None:

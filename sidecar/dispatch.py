@@ -84,11 +84,15 @@ class Dispatcher:
             )
         chain = [t for t in self.config.chain(model) if t.provider in self.providers]
         if not chain:
-            missing = sorted({t.provider for t in self.config.chain(model)})
+            named = sorted({t.provider for t in self.config.chain(model)})
+            keyed = [p for p in named if self.config.providers[p].kind != "local"]
+            hint = "Set the API key of one of: " + ", ".join(
+                f"{p} ({p.upper()}_API_KEY)" for p in keyed
+            )
+            if len(keyed) < len(named):
+                hint += ", or run the sidecar with --role all to serve the local model"
             raise ServiceUnavailable(
-                f"No provider for {model!r} is configured. Set the API key of one of: "
-                + ", ".join(f"{p} ({p.upper()}_API_KEY)" for p in missing),
-                code="no_provider",
+                f"No provider for {model!r} is configured. {hint}.", code="no_provider"
             )
         return chain
 

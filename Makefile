@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-stamp
 RUN_DIR := $(CURDIR)/run
 export HF_HUB_OFFLINE := 1
 
-.PHONY: help install run test lint format typecheck unit integration check-config bench clean
+.PHONY: help install run test lint format typecheck unit integration check-config bench train-safety clean
 
 help:
 	@echo "make run           start deepgate locally (installs first)"
@@ -18,6 +18,7 @@ help:
 	@echo "make lint          ruff (lint + format check) and mypy"
 	@echo "make check-config  validate the shipped APISIX route files and sidecar config"
 	@echo "make bench         run the benchmarks (see bench/README.md)"
+	@echo "make train-safety  retrain the safety classifier (sidecar/pool/models/)"
 
 # The virtual environment, rebuilt when the dependencies change.
 $(STAMP): pyproject.toml
@@ -65,6 +66,10 @@ integration: install
 test: lint check-config
 	$(BIN)/pytest tests
 	$(BIN)/python bench/runner/bench_runner.py --quick
+
+# Retrain the safety heads on ../shared/data/safety (reproducible: same data, same weights).
+train-safety: install
+	$(BIN)/python -m sidecar.pool.train_safety
 
 bench: install
 	$(BIN)/python bench/runner/bench_runner.py

@@ -63,22 +63,37 @@ def build_providers(config: SidecarConfig) -> dict[str, Provider]:
 
 
 def build_local_inference(config: SidecarConfig, metrics: Metrics) -> LocalInference:
-    """The pool's models in this process (roles pool and all); loads weights, so call it once."""
+    """The pool's models in this process (roles pool and all); loads weights, so call it once.
+
+    The embedding model and the safety heads over it share one worker thread: the heads' batches
+    are embedding batches too, and two threads would only fight over the same cores.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
     from sidecar.pool.batcher import MicroBatcher, Pool, PoolMetrics, pick_device
     from sidecar.pool.embeddings import EmbeddingModel
+    from sidecar.pool.safety import SafetyClassifier
 
     conf = config.pool
     device = pick_device()
     embedder = EmbeddingModel(device, conf.max_batch_size, conf.torch_threads)
+    classifier = SafetyClassifier(embedder)
+    executor = ThreadPoolExecutor(conf.workers, thread_name_prefix="pool")
     pool_metrics = PoolMetrics(metrics.registry)
-    batcher = MicroBatcher(
-        embedder,
-        max_wait_ms=conf.max_wait_ms,
-        max_queue=conf.max_queue,
-        metrics=pool_metrics,
+    batchers = {
+        model.name: MicroBatcher(
+            model,
+            max_wait_ms=conf.max_wait_ms,
+            max_queue=conf.max_queue,
+            executor=executor,
+            metrics=pool_metrics,
+        )
+        for model in (embedder, classifier)
+    }
+    log.info("pool models loaded", extra={"device": device, "models": sorted(batchers)})
+    return LocalInference(
+        Pool(batchers), embedder, embedding=[embedder.name], classifiers=[classifier.name]
     )
-    log.info("pool models loaded", extra={"device": device, "models": [embedder.name]})
-    return LocalInference(Pool({embedder.name: batcher}), embedder, embedding=[embedder.name])
 
 
 def build_local_chat(config: SidecarConfig) -> Provider:

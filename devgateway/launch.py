@@ -139,8 +139,8 @@ def banner(port: str, key: str) -> None:
     if providers:
         say(f"  providers: {', '.join(k.removesuffix('_API_KEY').lower() for k in providers)}")
     else:
-        say("  no provider key set: chat answers 503 until you set DEEPSEEK_API_KEY,")
-        say("  OPENAI_API_KEY or ANTHROPIC_API_KEY (and *_BASE_URL for other endpoints)")
+        say("  no provider key set: chat is answered by the local model; set DEEPSEEK_API_KEY,")
+        say("  OPENAI_API_KEY or ANTHROPIC_API_KEY (and *_BASE_URL) for the providers")
     say("  Ctrl-C stops everything.")
     say("")
 

@@ -182,5 +182,8 @@ class Sidecar:
         await asyncio.gather(*stops, return_exceptions=True)
         if isinstance(self.inference, LocalInference):
             await self.inference.pool.drain(grace)
+        close = getattr(self.inference, "close", None)
+        if close is not None:
+            await close()
         for provider in self.providers.values():
             await provider.aclose()

@@ -32,7 +32,8 @@ class SafetyHeads:
         self.thresholds = {k: float(data["heads"][k]["threshold"]) for k in self.labels}
 
     def scores(self, vectors: Any) -> list[dict[str, float]]:
-        logits = np.asarray(vectors, dtype=np.float32) @ self.weights.T + self.bias
+        x = np.asarray(vectors, dtype=np.float32).reshape(-1, self.weights.shape[1])
+        logits = x @ self.weights.T + self.bias  # an empty batch gives an empty list
         probs = 1.0 / (1.0 + np.exp(-np.clip(logits, -30, 30)))
         return [
             {label: round(float(p), 6) for label, p in zip(self.labels, row, strict=True)}

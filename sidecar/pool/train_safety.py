@@ -98,21 +98,21 @@ def folds(y: np.ndarray) -> list[np.ndarray]:
 
 
 def at_threshold(y: np.ndarray, s: np.ndarray, threshold: float) -> dict[str, float]:
-    """ROC-AUC (when both classes are present), precision, recall, F1 and the false-positive
-    rate of ``s >= threshold``."""
+    """The false-positive rate of ``s >= threshold``, and where positives exist its precision,
+    recall and F1 (and ROC-AUC when both classes are present)."""
     hit = s >= threshold
-    tp = float((hit & (y == 1)).sum())
-    precision = tp / hit.sum() if hit.any() else 0.0
-    recall = tp / (y == 1).sum() if (y == 1).any() else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if tp else 0.0
-    out = {
-        "precision": round(float(precision), 4),
-        "recall": round(float(recall), 4),
-        "f1": round(float(f1), 4),
-        "false_positive_rate": round(float((hit & (y == 0)).sum() / max(1, (y == 0).sum())), 4),
+    out: dict[str, float] = {
         "positives": int(y.sum()),
         "negatives": int(len(y) - y.sum()),
+        "false_positive_rate": round(float((hit & (y == 0)).sum() / max(1, (y == 0).sum())), 4),
     }
+    if y.sum() > 0:
+        tp = float((hit & (y == 1)).sum())
+        precision = tp / hit.sum() if hit.any() else 0.0
+        recall = tp / y.sum()
+        out["precision"] = round(float(precision), 4)
+        out["recall"] = round(float(recall), 4)
+        out["f1"] = round(float(2 * precision * recall / (precision + recall)) if tp else 0.0, 4)
     if 0 < y.sum() < len(y):
         out["roc_auc"] = round(roc_auc(y, s), 4)
     return out
@@ -222,8 +222,9 @@ def model_card(
 ) -> str:
     def metrics(m: dict[str, Any]) -> str:
         return (
-            f"{m['positives']} / {m['negatives']} | {m.get('roc_auc', '—')} | {m['precision']} "
-            f"| {m['recall']} | {m['f1']} | {m['false_positive_rate']} |"
+            f"{m['positives']} / {m['negatives']} | {m.get('roc_auc', '—')} "
+            f"| {m.get('precision', '—')} | {m.get('recall', '—')} | {m.get('f1', '—')} "
+            f"| {m['false_positive_rate']} |"
         )
 
     rows = []

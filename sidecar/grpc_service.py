@@ -164,6 +164,46 @@ class DeepgateService(deepgate_pb2_grpc.DeepgateServicer):
 
     # --- the pool's RPCs ------------------------------------------------------------------
 
+    def _local_route(self, request: deepgate_pb2.ChatRequest) -> bool:
+        """Point a Generate call at the pool's own model; False when this process has none."""
+        local = [
+            p for p, c in self.config.providers.items()
+            if c.kind == "local" and p in self.dispatcher.providers
+        ]  # fmt: skip
+        alias = next(
+            (
+                a
+                for a in self.config.aliases
+                if all(t.provider in local for t in self.config.chain(a))
+            ),
+            None,
+        )
+        if alias is None:
+            return False
+        request.envelope.route = alias
+        return True
+
+    async def Generate(
+        self,
+        request: deepgate_pb2.ChatRequest,
+        context: grpc.aio.ServicerContext[deepgate_pb2.ChatRequest, deepgate_pb2.ChatResponse],
+    ) -> deepgate_pb2.ChatResponse:
+        if not self._local_route(request):
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, _POOL_ONLY.format(rpc="Generate"))
+        return await self.Chat(request, context)
+
+    async def GenerateStream(
+        self,
+        request: deepgate_pb2.ChatRequest,
+        context: grpc.aio.ServicerContext[deepgate_pb2.ChatRequest, deepgate_pb2.ChatChunk],
+    ) -> AsyncIterator[deepgate_pb2.ChatChunk]:
+        if not self._local_route(request):
+            await context.abort(
+                grpc.StatusCode.UNIMPLEMENTED, _POOL_ONLY.format(rpc="GenerateStream")
+            )
+        async for chunk in self.ChatStream(request, context):
+            yield chunk
+
     async def Embed(
         self,
         request: deepgate_pb2.EmbedRequest,

@@ -6,7 +6,9 @@ the final reply, and on ``CONF_TOKEN_NOT_FOUND`` a new PrepareConf and a retry o
 connection with a new id (3 tries in all). Tests and benchmarks drive the runner with it, and
 the development gateway uses it as its client core.
 
-Connections are pooled like APISIX's keepalive pool: one exchange at a time on a connection.
+Connections are pooled like APISIX's keepalive pool: one exchange at a time on a connection, and
+a pooled connection the runner has closed (it exited, or restarted) is dropped rather than used,
+as nginx drops a keepalive connection whose peer went away.
 """
 
 from __future__ import annotations
@@ -51,6 +53,11 @@ class RunnerConnection:
         """Connect with APISIX's 1 s connect timeout."""
         reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(path), connect_s)
         return cls(reader, writer)
+
+    @property
+    def usable(self) -> bool:
+        """Still open at both ends (a runner that went away has sent EOF)."""
+        return not self.writer.is_closing() and not self.reader.at_eof()
 
     async def close(self) -> None:
         self.writer.close()
@@ -116,6 +123,7 @@ class ExtPluginDriver:
     """APISIX's ext-plugin client: token cache, keepalive pool, token-miss retry."""
 
     TRIES = 3
+    ID_BITS = 22  # APISIX: the worker id in the high bits, a counter wrapping at 2^22 below
 
     def __init__(self, path: str, pool_size: int = 32, timeout_s: float = 60.0) -> None:
         self.path = path
@@ -126,8 +134,11 @@ class ExtPluginDriver:
         self._ids = itertools.count()
 
     async def _acquire(self) -> RunnerConnection:
-        if self._idle:
-            return self._idle.pop()
+        while self._idle:
+            conn = self._idle.pop()
+            if conn.usable:
+                return conn
+            await conn.close()
         return await RunnerConnection.open(self.path)
 
     async def _release(self, conn: RunnerConnection, ok: bool) -> None:
@@ -142,6 +153,11 @@ class ExtPluginDriver:
 
     def forget_tokens(self) -> None:
         self._tokens.clear()
+
+    async def runner_exited(self) -> None:
+        """What APISIX does on its runner-exit event: flush the token cache and the pool."""
+        self.forget_tokens()
+        await self.close()
 
     async def _token(self, chain: PluginChain) -> int:
         token = self._tokens.get(chain)
@@ -166,7 +182,7 @@ class ExtPluginDriver:
         """Run one exchange with a fresh id, re-preparing and retrying on a token miss."""
         for attempt in range(self.TRIES):
             req.conf_token = await self._token(chain)
-            req.id = next(self._ids) & 0xFFFFFFFF
+            req.id = next(self._ids) % (1 << self.ID_BITS)
             conn = await self._acquire()
             ok = False
             try:

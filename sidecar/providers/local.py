@@ -9,23 +9,28 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
-from deepgate.errors import DeepgateError, ServiceUnavailable
+from deepgate.errors import DeepgateError, InvalidRequest, ServiceUnavailable
 from sidecar.pool.local_llm import MODEL_NAME, Generation, LocalChatModel
-from sidecar.providers.base import CallOptions
+from sidecar.providers.base import PROVIDER_UNSUPPORTED, CallOptions
 
 
 class LocalProvider:
+    """The ``local`` target: one ``LocalChatModel``, closed with the provider when it owns it."""
+
     name = "local"
 
-    def __init__(self, model: LocalChatModel) -> None:
+    def __init__(self, model: LocalChatModel, *, owns_model: bool = True) -> None:
         self.model = model
+        self._owns_model = owns_model
 
     async def complete(self, body: dict[str, Any], opts: CallOptions) -> dict[str, Any]:
         stats = Generation(prompt_tokens=0)
-        text = "".join([piece async for piece in self._pieces(body, stats)])
+        async with aclosing(self._pieces(body, stats)) as pieces:
+            text = "".join([piece async for piece in pieces])
         return {
             "id": f"chatcmpl-local-{uuid.uuid4().hex[:24]}",
             "object": "chat.completion",
@@ -51,16 +56,27 @@ class LocalProvider:
             "created": int(time.time()),
             "model": MODEL_NAME,
         }
-        yield {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}
-        async for piece in self._pieces(body, stats):
-            yield {**base, "choices": [{"index": 0, "delta": {"content": piece}}]}
+        pieces = self._pieces(body, stats)
+        try:
+            # The first piece before the first chunk: a refusal (queue full, a bad parameter)
+            # comes before anything is sent, while the dispatcher can still retry or fall back.
+            first = await anext(pieces, None)
+            yield {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}
+            if first is not None:
+                yield {**base, "choices": [{"index": 0, "delta": {"content": first}}]}
+            async for piece in pieces:
+                yield {**base, "choices": [{"index": 0, "delta": {"content": piece}}]}
+        finally:
+            await pieces.aclose()
         yield {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": stats.finish_reason}]}
         yield {**base, "choices": [], "usage": _usage(stats)}
 
-    async def _pieces(self, body: dict[str, Any], stats: Generation) -> AsyncIterator[str]:
+    async def _pieces(self, body: dict[str, Any], stats: Generation) -> AsyncGenerator[str, None]:
+        _check_supported(body)
         try:
-            async for piece in self.model.generate(body, stats):
-                yield piece
+            async with aclosing(self.model.generate(body, stats)) as pieces:
+                async for piece in pieces:
+                    yield piece
         except DeepgateError:
             raise
         except RuntimeError:
@@ -69,7 +85,22 @@ class LocalProvider:
             ) from None
 
     async def aclose(self) -> None:
-        return None
+        if self._owns_model:
+            self.model.close()
+
+
+def _check_supported(body: dict[str, Any]) -> None:
+    """Refuse what the model cannot do, so the dispatcher moves on to the next target."""
+    n = body.get("n")
+    if n is not None and n != 1:
+        raise InvalidRequest(
+            "The local model answers with one choice (n=1).", param="n", code=PROVIDER_UNSUPPORTED
+        )
+    choice = body.get("tool_choice")
+    if body.get("tools") and (choice == "required" or isinstance(choice, dict)):
+        raise InvalidRequest(
+            "The local model cannot call tools.", param="tool_choice", code=PROVIDER_UNSUPPORTED
+        )
 
 
 def _usage(stats: Generation) -> dict[str, int]:

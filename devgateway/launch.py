@@ -1,10 +1,16 @@
 """``make run``: the whole deepgate stack on one machine, stopped as one.
 
-Starts the sidecar (role ``all``) where ``apisix-conf/apisix.yaml`` expects its upstream
-(127.0.0.1:9180), then the APISIX stand-in on 127.0.0.1:$DEEPGATE_PORT (9080), which spawns the
-plugin runner from ``ext-plugin.cmd`` as APISIX would. It waits until both answer, prints the URL
+Starts a Redis-compatible server on a free loopback port (quotas, the exact cache, the usage
+stream; unless ``DEEPGATE_REDIS_URL`` names one already), then the sidecar (role ``all``) where
+``apisix-conf/apisix.yaml`` expects its upstream (127.0.0.1:9180), then the APISIX stand-in on
+127.0.0.1:$DEEPGATE_PORT (9080), which spawns the plugin runner from ``ext-plugin.cmd`` as APISIX
+would. It waits until both answer, prints the URL
 and the demo consumer's key (generated unless ``DEEPGATE_DEMO_KEY`` is set), and on Ctrl-C or
 SIGTERM stops everything it started. If either process dies, it stops the other and exits 1.
+
+The runner and the sidecar share a route key (``DEEPGATE_ROUTE_KEY``, generated when unset) so the
+router's signed decisions and the plugin chain's sealed facts verify; local data (the RAG and
+vector store, the usage ledger) goes under ``run/`` unless ``DEEPGATE_DATA_DIR`` says otherwise.
 """
 
 from __future__ import annotations
@@ -17,8 +23,11 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
+
+from deepgate.embedded_redis import EmbeddedRedis
 
 ROOT = Path(__file__).resolve().parents[1]
 SIDECAR_HTTP = "127.0.0.1:9180"  # the upstream node in apisix-conf/apisix.yaml
@@ -29,6 +38,7 @@ PROVIDER_KEYS = ("DEEPSEEK_API_KEY", "OPENAI_API_KEY", "ANTHROPIC_API_KEY")
 class Stack:
     def __init__(self) -> None:
         self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+        self.on_stop: list[Callable[[], None]] = []  # after the processes: the local Redis
         self.stopping = False
 
     def start(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
@@ -50,6 +60,8 @@ class Stack:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        for stop in self.on_stop:
+            stop()
 
     def dead(self) -> str | None:
         return next((name for name, proc in self.procs if proc.poll() is not None), None)
@@ -87,8 +99,16 @@ def main() -> None:
     ) or "sk-deepgate-" + secrets.token_urlsafe(18)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.setdefault("HF_HUB_OFFLINE", "1")
+    env["DEEPGATE_SIDECAR_GRPC"] = SIDECAR_GRPC
+    env.setdefault("DEEPGATE_DATA_DIR", str(ROOT / "run"))
+    Path(env["DEEPGATE_DATA_DIR"]).mkdir(parents=True, exist_ok=True)
 
     stack = Stack()
+    redis: EmbeddedRedis | None = None
+    if not env.get("DEEPGATE_REDIS_URL"):
+        redis = EmbeddedRedis().start()
+        env["DEEPGATE_REDIS_URL"] = redis.url
+        stack.on_stop.append(redis.stop)
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         stack.stop()

@@ -12,6 +12,7 @@ chain shares the same parsed object, so a change one plugin makes is what the ne
 
 from __future__ import annotations
 
+import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -21,6 +22,8 @@ from pydantic import BaseModel, ConfigDict
 
 from deepgate.chat import Dialect, dialect_for_path
 from deepgate.errors import DeepgateError, InvalidRequest
+from deepgate.request_facts import HEADER as FACTS_HEADER
+from deepgate.request_facts import Facts, seal
 from plugins.runner.codec import (
     Entries,
     ExtraInfo,
@@ -37,6 +40,14 @@ Ask = Callable[[ExtraInfo], Awaitable[bytes | None]]
 """Asks APISIX for a variable or a body over the call's connection."""
 
 _UNSET: Any = object()
+
+OnStop = Callable[[], Awaitable[None]]
+"""Undoes what a plugin did when a later one stops the request (a quota reservation, say)."""
+
+
+def _route_key() -> bytes | None:
+    key = os.environ.get("DEEPGATE_ROUTE_KEY")
+    return key.encode() if key else None
 
 
 class PluginConfig(BaseModel):
@@ -63,6 +74,8 @@ class RequestContext:
         "body_changed",
         "call",
         "dialect",
+        "facts",
+        "on_stop",
         "request_id",
         "rewrite_args",
         "rewrite_headers",
@@ -84,6 +97,9 @@ class RequestContext:
         self.rewrite_args: Entries = []
         self.rewrite_resp_headers: Entries = []
         self.request_id = self.header("x-request-id") or f"call-{call.id}"
+        # What the chain learned, for later plugins and (sealed) for the sidecar.
+        self.facts: Facts = Facts()
+        self.on_stop: list[OnStop] = []
 
     def header(self, name: str) -> str | None:
         """The first value of a request header (names are lower-case on the wire)."""
@@ -135,7 +151,15 @@ class RequestContext:
         self.rewrite_resp_headers.append((name, value))
 
     def rewrite(self) -> Rewrite | None:
-        """The Rewrite this chain amounts to, or ``None`` when nothing changed."""
+        """The Rewrite this chain amounts to, or ``None`` when nothing changed.
+
+        The facts the chain gathered travel to the sidecar sealed under the route key; a facts
+        header the client sent itself is always dropped.
+        """
+        if self.facts or self.header(FACTS_HEADER) is not None:
+            key = _route_key()
+            sealed = seal(key, self.request_id, self.facts) if key and self.facts else None
+            self.set_header(FACTS_HEADER, sealed)
         body = orjson.dumps(self._json) if self.body_changed else b""
         if not (
             body
@@ -188,12 +212,16 @@ class PluginSpec:
     on_response: ResponseHandler | None = None
 
 
-def error_stop(err: DeepgateError, dialect: Dialect) -> Stop:
+def error_stop(
+    err: DeepgateError, dialect: Dialect, extra_headers: Entries | None = None
+) -> Stop:
     """A Stop that answers the client with ``err`` in its route's error shape.
 
     The content type is set explicitly: APISIX sends a Stop without one as ``text/plain``.
+    ``extra_headers`` are response headers earlier plugins added (rate-limit headers, say).
     """
     body = err.to_anthropic() if dialect == "anthropic" else err.to_openai()
     headers: Entries = [("content-type", "application/json")]
     headers.extend(err.http_headers().items())
+    headers.extend(extra_headers or ())
     return Stop(status=err.status, headers=headers, body=orjson.dumps(body))

@@ -57,6 +57,7 @@ def check_config(path: str | None) -> int:
 async def serve(args: argparse.Namespace) -> int:
     from sidecar.app import (
         Sidecar,
+        build_answer_hooks,
         build_local_chat,
         build_local_inference,
         build_providers,
@@ -95,6 +96,7 @@ async def serve(args: argparse.Namespace) -> int:
         route_key=route_key_from_env(),
         inference=inference,
         metrics=metrics,
+        hooks=build_answer_hooks(config, inference),
     )
     try:
         await sidecar.start()

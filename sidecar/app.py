@@ -17,6 +17,7 @@ from typing import Literal
 import grpc
 from aiohttp import web
 
+from sidecar.answer_hooks import AnswerHooks
 from sidecar.config import ProviderConfig, SidecarConfig
 from sidecar.dispatch import Dispatcher
 from sidecar.grpc_service import DeepgateService, build_grpc_server, stop_grpc_server
@@ -107,6 +108,11 @@ def build_local_chat(config: SidecarConfig) -> Provider:
     return LocalProvider(model)
 
 
+def build_answer_hooks(config: SidecarConfig, inference: Inference | None) -> AnswerHooks:
+    """The steps every answer takes on its way out, in order (see sidecar/answer_hooks.py)."""
+    return AnswerHooks([])
+
+
 def route_key_from_env() -> bytes | None:
     key = os.environ.get(ROUTE_KEY_ENV)
     if not key:
@@ -129,6 +135,7 @@ class Sidecar:
     route_key: bytes | None = None
     inference: Inference | None = None  # the pool's models, local or remote
     metrics: Metrics = field(default_factory=Metrics)
+    hooks: AnswerHooks = field(default_factory=AnswerHooks)  # see build_answer_hooks
     http_port: int = 0
     grpc_port: int = 0
 
@@ -150,7 +157,14 @@ class Sidecar:
             await server.start()
             self._grpc = server
         if self.http_address is not None:
-            face = Face(self.config, self.dispatcher, self.metrics, self.route_key, self.inference)
+            face = Face(
+                self.config,
+                self.dispatcher,
+                self.metrics,
+                self.route_key,
+                self.inference,
+                self.hooks,
+            )
             self._http = web.AppRunner(
                 build_app(face), access_log=None, shutdown_timeout=self.config.shutdown_grace_s
             )
@@ -187,3 +201,4 @@ class Sidecar:
             await close()
         for provider in self.providers.values():
             await provider.aclose()
+        await self.hooks.close()

@@ -21,7 +21,7 @@ import struct
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -36,8 +36,11 @@ from deepgate.errors import (
     ServiceUnavailable,
 )
 from deepgate.logs import request_scope
+from deepgate.request_facts import HEADER as FACTS_HEADER
+from deepgate.request_facts import Facts, unseal
 from deepgate.route_signature import HEADER as ROUTE_HEADER
 from deepgate.route_signature import verify_route
+from sidecar.answer_hooks import AnswerHooks, Exchange
 from sidecar.config import SidecarConfig, Target
 from sidecar.dispatch import Dispatcher
 from sidecar.faces import anthropic as anthropic_face
@@ -60,6 +63,7 @@ class Face:
     metrics: Metrics
     route_key: bytes | None
     inference: Inference | None = None
+    hooks: AnswerHooks = field(default_factory=AnswerHooks)
 
     # --- helpers ----------------------------------------------------------------------------
 
@@ -97,28 +101,50 @@ class Face:
 
     # --- endpoints --------------------------------------------------------------------------
 
+    def facts_for(self, request: web.Request, request_id: str) -> Facts:
+        """The plugin chain's sealed facts (none without a route key to open them)."""
+        if self.route_key is None:
+            return Facts()
+        return unseal(self.route_key, request_id, request.headers.get(FACTS_HEADER))
+
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         rid = request[REQUEST_ID]
         body = await self.read_chat(request, "openai")
-        chain = self.chain_for(request, body["model"], rid)
-        if not body.get("stream"):
-            answer = await self.dispatcher.complete(body, chain, rid)
+        ex = Exchange(rid, "openai", self.facts_for(request, rid), body, bool(body.get("stream")))
+        try:
+            return await self._chat_completions(request, ex)
+        except DeepgateError as err:
+            ex.status, ex.error_code = err.status, err.code
+            raise
+        finally:
+            await self.hooks.finish(ex)
+
+    async def _chat_completions(self, request: web.Request, ex: Exchange) -> web.StreamResponse:
+        body = ex.body
+        chain = self.chain_for(request, body["model"], ex.request_id)
+        if not ex.stream:
+            answer = await self.dispatcher.complete(body, chain, ex.request_id)
+            ex.target = answer.target.label
+            result = await self.hooks.answer(ex, answer.body)
+            ex.complete = True
             return web.Response(
-                body=orjson.dumps(answer.body),
+                body=orjson.dumps(result),
                 content_type="application/json",
                 headers={"x-deepgate-route": answer.target.label},
             )
-        opened = await self.dispatcher.open_stream(body, chain, rid)
+        opened = await self.dispatcher.open_stream(body, chain, ex.request_id)
+        ex.target = opened.target.label
         resp = _sse_response(opened.target.label)
         await resp.prepare(request)
         include_usage = openai_face.wants_usage(body)
         try:
-            async for chunk in opened.chunks:
+            async for chunk in self.hooks.stream(ex, opened.chunks):
                 event = openai_face.sse_chunk(chunk, include_usage)
                 if event is not None:
                     await resp.write(event)
         except DeepgateError as err:
             log.warning("stream failed after it started", extra={"code": err.code})
+            ex.error_code, ex.complete = err.code, False
             await resp.write(openai_face.sse_error(err))
         else:
             await resp.write(openai_face.DONE)
@@ -129,28 +155,45 @@ class Face:
         rid = request[REQUEST_ID]
         body = await self.read_chat(request, "anthropic")
         canonical = from_anthropic(body).model_dump(exclude_none=True)
-        chain = self.chain_for(request, body["model"], rid)
-        if not body.get("stream"):
-            answer = await self.dispatcher.complete(canonical, chain, rid)
-            message = anthropic_face.to_anthropic_message(answer.body, body["model"])
+        facts = self.facts_for(request, rid)
+        ex = Exchange(rid, "anthropic", facts, canonical, bool(body.get("stream")))
+        try:
+            return await self._messages(request, ex, body["model"])
+        except DeepgateError as err:
+            ex.status, ex.error_code = err.status, err.code
+            raise
+        finally:
+            await self.hooks.finish(ex)
+
+    async def _messages(self, request: web.Request, ex: Exchange, model: str) -> web.StreamResponse:
+        canonical = ex.body
+        chain = self.chain_for(request, model, ex.request_id)
+        if not ex.stream:
+            answer = await self.dispatcher.complete(canonical, chain, ex.request_id)
+            ex.target = answer.target.label
+            result = await self.hooks.answer(ex, answer.body)
+            ex.complete = True
+            message = anthropic_face.to_anthropic_message(result, model)
             return web.Response(
                 body=orjson.dumps(message),
                 content_type="application/json",
                 headers={"x-deepgate-route": answer.target.label},
             )
         canonical["stream_options"] = {"include_usage": True}
-        opened = await self.dispatcher.open_stream(canonical, chain, rid)
+        opened = await self.dispatcher.open_stream(canonical, chain, ex.request_id)
+        ex.target = opened.target.label
         resp = _sse_response(opened.target.label)
         await resp.prepare(request)
-        encoder = anthropic_face.AnthropicStreamEncoder(model=body["model"])
+        encoder = anthropic_face.AnthropicStreamEncoder(model=model)
         try:
-            async for chunk in opened.chunks:
+            async for chunk in self.hooks.stream(ex, opened.chunks):
                 for event in encoder.feed(chunk):
                     await resp.write(event)
             for event in encoder.finish():
                 await resp.write(event)
         except DeepgateError as err:
             log.warning("stream failed after it started", extra={"code": err.code})
+            ex.error_code, ex.complete = err.code, False
             await resp.write(anthropic_face.error_event(err))
         await resp.write_eof()
         return resp

@@ -293,17 +293,22 @@ class _Connection:
             try:
                 stop = await handler(ctx, plugin.config)
             except DeepgateError as err:
-                return error_stop(err, ctx.dialect)
+                return await _stopped(ctx, error_stop(err, ctx.dialect, ctx.rewrite_resp_headers))
             except (ConnectionError, asyncio.IncompleteReadError, TimeoutError):
+                await _stopped(ctx, None)
                 raise  # APISIX went away mid-call: nobody to answer
             except Exception:
                 if _fails_open(plugin):
                     log.exception("plugin %s failed; on_error=open, going on", plugin.spec.name)
                     continue
                 log.exception("plugin %s failed; answering 500", plugin.spec.name)
-                return error_stop(_plugin_failure(ctx.request_id), ctx.dialect)
+                failure = error_stop(
+                    _plugin_failure(ctx.request_id), ctx.dialect, ctx.rewrite_resp_headers
+                )
+                return await _stopped(ctx, failure)
             if stop is not None:
-                return stop
+                stop.headers = [*stop.headers, *ctx.rewrite_resp_headers]
+                return await _stopped(ctx, stop)
         return ctx.rewrite()
 
     async def http_resp_call(self, req: codec.HTTPRespCallReq) -> bytes:
@@ -335,6 +340,16 @@ class _Connection:
                 stop = error_stop(_plugin_failure(None), "openai")
                 ctx.new_status, ctx.new_headers, ctx.new_body = stop.status, stop.headers, stop.body
                 return
+
+
+async def _stopped(ctx: RequestContext, stop: codec.Stop | None) -> codec.Stop | None:
+    """The chain ends early: let earlier plugins undo what only a forwarded request needs."""
+    for undo in reversed(ctx.on_stop):
+        try:
+            await undo()
+        except Exception:
+            log.exception("undoing a plugin's work after a stop failed")
+    return stop
 
 
 def _fails_open(plugin: PreparedPlugin) -> bool:

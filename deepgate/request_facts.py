@@ -1,0 +1,93 @@
+"""What the plugin chain learned about a request, sealed for the sidecar.
+
+The plugins decide in the runner; the sidecar acts on some of their findings after the provider
+answers: whose usage it was (ledger, quota reconciliation), whether that consumer opted out of
+logging, where to write the answer in the cache, which output detectors to run and which masked
+personal data to put back. Those facts travel in one request header, ``x-deepgate-facts``,
+encrypted and authenticated with AES-GCM under a key derived from ``DEEPGATE_ROUTE_KEY`` (the key
+that already signs route decisions). The request id is bound in as associated data and the value
+expires, so a client can neither read, forge nor replay it; the personal data a mask replaced
+never travels in clear.
+
+``Facts`` lists every key once; plugins fill what they know, the sidecar reads what it needs.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import time
+from typing import Any, TypedDict
+
+import orjson
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from deepgate.errors import AuthenticationFailed
+
+HEADER = "x-deepgate-facts"
+_KEY_LABEL = b"deepgate-facts-v1"
+_NONCE_BYTES = 12
+
+
+class Facts(TypedDict, total=False):
+    """Every fact the plugin chain may hand to the sidecar (all optional)."""
+
+    consumer: str  # APISIX consumer_name
+    groups: list[str]  # the consumer's groups (policy)
+    route: str  # APISIX route id
+    alias: str  # the model the client asked for
+    log_opt_out: bool  # the consumer opted out of prompt/answer logging (policy)
+    reservation: dict[str, Any]  # quota reservation to reconcile with real usage (policy)
+    cache: dict[str, Any]  # where and how long to write the answer (cache)
+    cache_status: str  # hit-exact | hit-semantic | miss | bypass (cache)
+    safety_output: dict[str, Any]  # output detectors to run on the answer (safety)
+    restore: dict[str, str]  # placeholder -> original text masked in the prompt (safety)
+    findings: list[str]  # detectors that fired on the prompt (safety)
+    rag: dict[str, Any]  # collection and chunk ids added to the prompt (rag)
+    exp: int  # unix seconds after which the sidecar refuses the facts (set by seal)
+
+
+def _aead(route_key: bytes) -> AESGCM:
+    return AESGCM(hashlib.sha256(_KEY_LABEL + route_key).digest())
+
+
+def seal(route_key: bytes, request_id: str, facts: Facts, ttl_s: float = 600.0) -> str:
+    """The header value carrying ``facts`` for request ``request_id``."""
+    payload = dict(facts)
+    payload["exp"] = int(time.time() + ttl_s)
+    nonce = os.urandom(_NONCE_BYTES)
+    sealed = _aead(route_key).encrypt(nonce, orjson.dumps(payload), request_id.encode())
+    return base64.urlsafe_b64encode(nonce + sealed).decode().rstrip("=")
+
+
+def unseal(route_key: bytes, request_id: str, value: str | None, now: float | None = None) -> Facts:
+    """The facts of request ``request_id``; empty when the header is absent.
+
+    A value that was forged, tampered with, made for another request or expired is refused with
+    ``AuthenticationFailed``: only the gateway's plugin chain can state facts.
+    """
+    if not value:
+        return Facts()
+    try:
+        raw = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
+        nonce, sealed = raw[:_NONCE_BYTES], raw[_NONCE_BYTES:]
+        payload: dict[str, Any] = orjson.loads(
+            _aead(route_key).decrypt(nonce, sealed, request_id.encode())
+        )
+    except (ValueError, InvalidTag, orjson.JSONDecodeError):
+        raise _refused("the facts header does not verify") from None
+    if int(payload.get("exp", 0)) < (time.time() if now is None else now):
+        raise _refused("the facts header has expired")
+    payload.pop("exp", None)
+    facts: Facts = payload  # type: ignore[assignment]
+    return facts
+
+
+def _refused(why: str) -> AuthenticationFailed:
+    return AuthenticationFailed(
+        f"This endpoint only serves requests passed by the gateway: {why}. Send requests "
+        "through APISIX, not to the sidecar directly.",
+        code="invalid_route_signature",
+    )

@@ -46,6 +46,12 @@ class Facts(TypedDict, total=False):
     restore: dict[str, str]  # placeholder -> original text masked in the prompt (safety)
     findings: list[str]  # detectors that fired on the prompt (safety)
     rag: dict[str, Any]  # collection and chunk ids added to the prompt (rag)
+    # Read by later plugins of the chain (the router above all):
+    allowed_regions: list[str]  # provider regions this consumer may reach (policy)
+    allowed_providers: list[str]  # providers this consumer may reach (policy)
+    personal_data_rule: str  # allow | local | refuse: prompts with personal data (policy)
+    personal_data_found: bool  # the prompt carries personal data (safety)
+    prompt_tokens: int  # the prompt's token count, counted once by whichever plugin counts first
     exp: int  # unix seconds after which the sidecar refuses the facts (set by seal)
 
 

@@ -24,8 +24,10 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from deepgate.catalog import Catalog
 from deepgate.chat import Dialect
 from deepgate.request_facts import Facts
+from deepgate.usage_record import UsageRecord
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,35 @@ class Exchange:
     def usage(self) -> dict[str, Any]:
         usage = (self.answer or {}).get("usage")
         return usage if isinstance(usage, dict) else {}
+
+
+def usage_record(ex: Exchange, catalog: Catalog) -> UsageRecord:
+    """The one usage record of a finished exchange (the ledger's row, the quota's truth)."""
+    usage = ex.usage
+    prompt = int(usage.get("prompt_tokens") or 0)
+    completion = int(usage.get("completion_tokens") or 0)
+    provider, _, model = (ex.target or "").partition(":")
+    facts = ex.facts
+    return UsageRecord(
+        request_id=ex.request_id,
+        ts=ex.wall_started,
+        consumer=facts.get("consumer", ""),
+        route=facts.get("route", ""),
+        alias=facts.get("alias") or str(ex.body.get("model") or ""),
+        provider=provider,
+        model=model,
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        cost_usd=catalog.cost(ex.target, prompt, completion) if ex.target else 0.0,
+        latency_ms=round((ex.finished_s or 0.0) * 1000, 3),
+        ttft_ms=None if ex.first_token_s is None else round(ex.first_token_s * 1000, 3),
+        status=ex.status,
+        error_code=ex.error_code,
+        stream=ex.stream,
+        cache=facts.get("cache_status", ""),
+        safety=list(facts.get("findings", [])),
+        reservation=dict(facts.get("reservation", {})),
+    )
 
 
 class AnswerHook:

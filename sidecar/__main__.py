@@ -61,9 +61,11 @@ async def serve(args: argparse.Namespace) -> int:
         build_local_chat,
         build_local_inference,
         build_providers,
+        build_remote_pool,
         route_key_from_env,
     )
     from sidecar.config import load_config
+    from sidecar.inference import Inference
     from sidecar.metrics import Metrics
 
     try:
@@ -77,7 +79,7 @@ async def serve(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stopping.set)
     providers = build_providers(config) if args.role in ("gateway", "all") else {}
     metrics = Metrics()
-    inference = None
+    inference: Inference | None = None
     if args.role in ("pool", "all"):
         try:
             inference = await asyncio.to_thread(build_local_inference, config, metrics)
@@ -87,6 +89,10 @@ async def serve(args: argparse.Namespace) -> int:
         except (RuntimeError, OSError, ImportError) as exc:
             log.error("cannot start the inference pool: %s", exc)
             return 2
+    elif config.pool.addresses:
+        inference, local_chat = build_remote_pool(config)
+        if local_chat is not None:
+            providers[local_chat.name] = local_chat
     sidecar = Sidecar(
         config,
         args.role,

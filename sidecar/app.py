@@ -25,6 +25,7 @@ from sidecar.health import HealthBoard
 from sidecar.http_face import Face, build_app
 from sidecar.inference import Inference, LocalInference
 from sidecar.metrics import Metrics
+from sidecar.pool_client import RemoteInference
 from sidecar.providers.base import Provider
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,25 @@ def build_local_inference(config: SidecarConfig, metrics: Metrics) -> LocalInfer
     return LocalInference(
         Pool(batchers), embedder, embedding=[embedder.name], classifiers=[classifier.name]
     )
+
+
+def build_remote_pool(config: SidecarConfig) -> tuple[RemoteInference, Provider | None]:
+    """Role ``gateway`` with ``pool.addresses``: the replicas' models over gRPC.
+
+    Embeddings and classification go to the replicas, and so does chat for the ``local``
+    provider when the config has one (its chains then reach the pool's chat model).
+    """
+    from sidecar.providers.pool_chat import PoolChatProvider
+
+    conf = config.pool
+    remote = RemoteInference(
+        list(conf.addresses),
+        embedding=[conf.embedding_model],
+        classifiers=[conf.classifier_model],
+    )
+    local = [p for p, c in config.providers.items() if c.kind == "local"]
+    log.info("pool replicas", extra={"addresses": list(conf.addresses)})
+    return remote, PoolChatProvider(remote) if conf.local_chat and local else None
 
 
 def build_local_chat(config: SidecarConfig) -> Provider:

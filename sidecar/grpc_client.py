@@ -32,7 +32,7 @@ async def chat(
 ) -> dict[str, Any]:
     """One chat completion: the canonical ``chat.completion`` dict."""
     stub = deepgate_pb2_grpc.DeepgateStub(channel)  # type: ignore[no-untyped-call]
-    request = _request(body, route, request_id, stream=False)
+    request = chat_request(body, route, request_id, stream=False)
     try:
         reply: deepgate_pb2.ChatResponse = await stub.Chat(request, timeout=timeout_s)
     except grpc.aio.AioRpcError as err:
@@ -54,7 +54,7 @@ async def chat_stream(
     Leaving the loop early cancels the call, so the sidecar stops asking the provider.
     """
     stub = deepgate_pb2_grpc.DeepgateStub(channel)  # type: ignore[no-untyped-call]
-    call = stub.ChatStream(_request(body, route, request_id, stream=True), timeout=timeout_s)
+    call = stub.ChatStream(chat_request(body, route, request_id, stream=True), timeout=timeout_s)
     try:
         async for message in call:
             chunk: deepgate_pb2.ChatChunk = message
@@ -103,7 +103,7 @@ def error_from_chunk(error: deepgate_pb2.Error) -> DeepgateError:
     return from_http_status(error.http_status, error.message, code=error.code or None)
 
 
-def _request(
+def chat_request(
     body: dict[str, Any], route: str, request_id: str, *, stream: bool
 ) -> deepgate_pb2.ChatRequest:
     return deepgate_pb2.ChatRequest(

@@ -1,10 +1,12 @@
 """The gateway role's way to the inference pool: gRPC to one or more pool replicas.
 
 ``RemoteInference`` implements the same ``Inference`` contract as the in-process pool, so the
-faces cannot tell the difference. Each call goes to the replica with the lowest queue depth it
-last reported (the ``deepgate-queue-depth`` trailer of every Embed/Classify reply; ties take
-turns). A replica that cannot be reached is set aside for a few seconds and the call goes on with
-the next; when none answers, the caller gets 503.
+faces cannot tell the difference, and carries the pool's chat model too (``Generate`` and
+``GenerateStream``, used by ``sidecar.providers.pool_chat`` as the ``local`` provider). Each
+call goes to the replica with the lowest queue depth it last reported (the
+``deepgate-queue-depth`` trailer of every Embed/Classify reply; ties take turns). A replica that
+cannot be reached is set aside for a few seconds and the call goes on with the next; when none
+answers, the caller gets 503.
 """
 
 from __future__ import annotations
@@ -12,14 +14,16 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+import orjson
 
 from deepgate.errors import DeepgateError, ServiceUnavailable
 from sidecar._proto.deepgate.v1 import deepgate_pb2, deepgate_pb2_grpc
-from sidecar.grpc_client import error_from_status
+from sidecar.grpc_client import chat_request, error_from_chunk, error_from_status
 from sidecar.inference import Embeddings, check_inputs
 
 DOWN_FOR_S = 5.0
@@ -108,6 +112,52 @@ class RemoteInference:
         request = deepgate_pb2.ClassifyRequest(model=model, texts=texts)
         reply = await self._call("Classify", request, self._timeout(deadline))
         return [dict(r.scores) for r in reply.results]
+
+    async def generate(
+        self, body: dict[str, Any], request_id: str, timeout_s: float | None
+    ) -> dict[str, Any]:
+        """One answer of the pool's chat model (canonical ``chat.completion``)."""
+        request = chat_request(body, "", request_id, stream=False)
+        reply = await self._call("Generate", request, timeout_s)
+        answer: dict[str, Any] = orjson.loads(reply.body_json)
+        return answer
+
+    async def generate_stream(
+        self, body: dict[str, Any], request_id: str, timeout_s: float | None
+    ) -> AsyncIterator[dict[str, Any]]:
+        """The pool's chat model, streamed; a replica that cannot be reached before the first
+        chunk is set aside and the next one tried, as for the unary calls."""
+        request = chat_request(body, "", request_id, stream=True)
+        last: DeepgateError | None = None
+        for replica in self._order():
+            call = replica.stub.GenerateStream(request, timeout=timeout_s)
+            try:
+                first = await call.read()
+            except grpc.aio.AioRpcError as err:
+                if err.code() in _UNREACHABLE:
+                    replica.down_until = time.monotonic() + DOWN_FOR_S
+                    last = ServiceUnavailable(
+                        "A pool replica is unreachable.", code="pool_unreachable"
+                    )
+                    continue
+                raise error_from_status(err) from None
+            try:
+                message = first
+                while message is not grpc.aio.EOF:
+                    chunk: deepgate_pb2.ChatChunk = message
+                    if chunk.HasField("error"):
+                        raise error_from_chunk(chunk.error)
+                    decoded: dict[str, Any] = orjson.loads(chunk.chunk_json)
+                    yield decoded
+                    message = await call.read()
+            except grpc.aio.AioRpcError as err:
+                raise error_from_status(err) from None
+            finally:
+                call.cancel()  # a no-op once the call has ended
+            return
+        raise last or ServiceUnavailable(
+            "No pool replica is reachable; retry shortly.", code="pool_unreachable"
+        )
 
     async def close(self) -> None:
         for channel in self._channels:

@@ -78,7 +78,7 @@ def build_local_inference(config: SidecarConfig, metrics: Metrics) -> LocalInfer
 
     conf = config.pool
     device = pick_device()
-    embedder = EmbeddingModel(device, conf.max_batch_size, conf.torch_threads)
+    embedder = EmbeddingModel(device, conf.max_batch_size, conf.torch_threads, conf.dtype)
     classifier = SafetyClassifier(embedder)
     executor = ThreadPoolExecutor(conf.workers, thread_name_prefix="pool")
     pool_metrics = PoolMetrics(metrics.registry)
@@ -92,7 +92,10 @@ def build_local_inference(config: SidecarConfig, metrics: Metrics) -> LocalInfer
         )
         for model in (embedder, classifier)
     }
-    log.info("pool models loaded", extra={"device": device, "models": sorted(batchers)})
+    log.info(
+        "pool models loaded",
+        extra={"device": device, "dtype": embedder.dtype, "models": sorted(batchers)},
+    )
     return LocalInference(
         Pool(batchers), embedder, embedding=[embedder.name], classifiers=[classifier.name]
     )

@@ -100,6 +100,8 @@ class PoolConfig(StrictModel):
     max_queue: int = Field(default=1024, ge=1)
     workers: int = Field(default=1, ge=1)
     torch_threads: int = Field(default=1, ge=1)  # leave cores for the event loop
+    # float32, or bfloat16 where the device computes it natively (auto: GPUs, AMX/AVX-512 BF16)
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
 
 
 class SidecarConfig(StrictModel):

@@ -6,6 +6,7 @@ max_wait_ms 5) and once without (max_batch_size 1). Reported: items/s and p50/p9
 point, and the batching speed-up at each concurrency (target: >= 5x at 32 on CPU).
 
     .venv/bin/python bench/pool/bench_pool.py [--quick] [--device cuda:0] [--batch 32]
+        [--threads N] [--dtype auto|float32|bfloat16]
 """
 
 from __future__ import annotations
@@ -57,13 +58,15 @@ async def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
     args = parser.parse_args()
     items = 96 if args.quick else 640
-    embedder = EmbeddingModel(args.device, args.batch, args.threads)
+    embedder = EmbeddingModel(args.device, args.batch, args.threads, args.dtype)
     models = {"embeddings": embedder, "safety": SafetyClassifier(embedder)}
     print(
         f"deepgate pool benchmark, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
-        f"device {args.device}, torch threads {args.threads}, {items} items per point"
+        f"device {args.device}, {embedder.dtype}, torch threads {args.threads}, "
+        f"{items} items per point"
     )
     print(f"{'model':<11}{'conc':>5}{'batched items/s':>17}{'p50 ms':>9}{'p99 ms':>9}"
           f"{'single items/s':>16}{'p50 ms':>9}{'p99 ms':>9}{'speed-up':>10}")  # fmt: skip

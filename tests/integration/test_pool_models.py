@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from sidecar.pool import train_safety as ts
-from sidecar.pool.embeddings import DIMENSIONS, NAME, EmbeddingModel
+from sidecar.pool.embeddings import DIMENSIONS, NAME, EmbeddingModel, pick_dtype
 from sidecar.pool.safety import NAME as SAFETY_NAME
 from sidecar.pool.safety import WEIGHTS, SafetyClassifier
 
@@ -95,6 +95,27 @@ def test_unit_vectors_and_batching_changes_nothing(embedder: EmbeddingModel) -> 
         (alone,) = embedder.run_batch([text])
         assert np.max(np.abs(np.array(vector) - np.array(alone))) < 1e-5
     assert embedder.run_batch([]) == []
+
+
+def test_bfloat16_batches_equal_single_texts_and_stay_close_to_float32(
+    embedder: EmbeddingModel,
+) -> None:
+    half = EmbeddingModel("cpu", 32, 1, dtype="bfloat16")
+    assert half.dtype == "bfloat16"
+    texts = [BENIGN, INJECTION, "A considerably longer sentence, so that the batch pads a lot."]
+    batched = np.array(half.run_batch(texts))
+    alone = np.array([half.run_batch([t])[0] for t in texts])
+    exact = np.array(embedder.run_batch(texts))
+    assert np.max(np.abs(batched - alone)) < 1e-2  # bfloat16 keeps ~3 significant digits
+    assert float(np.min(np.sum(batched * exact, axis=1))) > 0.99  # cosine to float32
+
+
+def test_auto_precision_follows_the_device() -> None:
+    assert pick_dtype("cuda:0") == "bfloat16"
+    assert pick_dtype("cpu", "float32") == "float32"
+    assert pick_dtype("cpu") in ("float32", "bfloat16")
+    with pytest.raises(ValueError, match=r"pool\.dtype must be one of"):
+        pick_dtype("cpu", "float16")
 
 
 def test_similar_sentences_are_closer_than_unrelated_ones(embedder: EmbeddingModel) -> None:

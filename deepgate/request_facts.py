@@ -36,6 +36,7 @@ class Facts(TypedDict, total=False):
 
     consumer: str  # APISIX consumer_name
     groups: list[str]  # the consumer's groups (policy)
+    labels: dict[str, str]  # the consumer's labels, e.g. team or cost centre (policy)
     route: str  # APISIX route id
     alias: str  # the model the client asked for
     log_opt_out: bool  # the consumer opted out of prompt/answer logging (policy)

@@ -1,0 +1,177 @@
+"""``deepgate-policy``: identity, access control, quotas and compliance, first in the chain.
+
+For each chat request, in this order:
+
+1. identity: the consumer APISIX authenticated (``consumer_name``), its groups and labels from
+   the config; the route (``route_id``). Facts ``consumer``, ``groups``, ``route``, ``alias``,
+   ``log_opt_out`` for later plugins and the sidecar;
+2. access: the route and the model alias must be allowed by the consumer's rule and by every one
+   of its groups' (403 naming the rule); provider, region and personal-data rules become facts
+   for the router (``access.py``);
+3. quotas: the estimate (prompt tokens + the answer's budget, and its price) is reserved on every
+   budget the request draws on, in one Redis round trip (``deepgate/quota.py``). Over a limit:
+   429 with ``Retry-After``. Every response carries OpenAI's ``x-ratelimit-*`` headers. If a
+   later plugin stops the request, the reservation is released; otherwise the sidecar settles it
+   with the real usage (``sidecar/hooks/quota.py``).
+
+The quota store is shared by every route of the process (one connection pool per Redis URL), so
+counters are per consumer, group and model, not per route. When it cannot be reached,
+``store_unreachable`` decides: ``closed`` answers 503, ``open`` lets the request through
+uncounted.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from deepgate.chat import check_chat_body
+from deepgate.config import ConfigError, resolve_secret
+from deepgate.errors import AuthenticationFailed, PermissionDenied, ServiceUnavailable
+from deepgate.quota import (
+    MemoryQuotaStore,
+    QuotaStore,
+    QuotaStoreUnavailable,
+    RedisQuotaStore,
+    new_reservation_id,
+)
+from plugins.base import PluginSpec, RequestContext
+from plugins.policy import access, quotas
+from plugins.policy.config import Config, Identity
+from plugins.runner.codec import Method, Stop
+
+NAME = "deepgate-policy"
+
+log = logging.getLogger(__name__)
+
+_STORES: dict[tuple[str, ...], QuotaStore] = {}
+_WARN_EVERY_S = 30.0
+_last_warning = 0.0
+
+
+def store_for(conf: Config) -> QuotaStore:
+    """The process's store for this config (created on first use, then shared)."""
+    if conf.store == "memory":
+        key: tuple[str, ...] = ("memory",)
+        found = _STORES.get(key)
+        if found is None:
+            found = _STORES[key] = MemoryQuotaStore()
+        return found
+    try:
+        url = resolve_secret(conf.redis_url)
+    except ConfigError as exc:
+        raise QuotaStoreUnavailable(f"redis_url: {exc}") from None
+    key = ("redis", url, str(conf.redis_timeout_ms))
+    found = _STORES.get(key)
+    if found is None:
+        found = _STORES[key] = RedisQuotaStore(url, conf.redis_timeout_ms / 1000)
+    return found
+
+
+async def close_stores() -> None:
+    """Close every store's connections (tests; a runner just exits)."""
+    stores = list(_STORES.values())
+    _STORES.clear()
+    for store in stores:
+        await store.close()
+
+
+def _warn_unreachable(why: str, conf: Config) -> None:
+    global _last_warning
+    now = time.monotonic()
+    if now - _last_warning >= _WARN_EVERY_S:
+        _last_warning = now
+        log.warning(
+            "the quota store cannot be reached (%s); store_unreachable=%s: requests are %s",
+            why,
+            conf.store_unreachable,
+            "let through uncounted" if conf.store_unreachable == "open" else "refused with 503",
+        )
+
+
+async def _identify(ctx: RequestContext, conf: Config) -> Identity:
+    consumer = await ctx.var("consumer_name")
+    if not consumer:
+        if not conf.allow_anonymous:
+            raise AuthenticationFailed(
+                "This route needs an API key: send yours as Authorization: Bearer <key> "
+                "(OpenAI SDK: api_key=...) or x-api-key (Anthropic SDK)."
+            )
+        consumer = ""
+    identity = conf.identity(consumer)
+    if identity is None:
+        raise PermissionDenied(
+            f"Consumer {consumer!r} has no policy on this route: ask your operator to add it "
+            "under consumers (or a default) in the deepgate-policy config."
+        )
+    return identity
+
+
+async def on_request(ctx: RequestContext, conf: Config) -> Stop | None:
+    identity = await _identify(ctx, conf)
+    route = await ctx.var("route_id")
+    facts = ctx.facts
+    if identity.consumer:
+        facts["consumer"] = identity.consumer
+    if identity.groups:
+        facts["groups"] = list(identity.groups)
+    if identity.labels:
+        facts["labels"] = dict(identity.labels)
+    if route:
+        facts["route"] = route
+    access.check_route(identity, route)
+    access.compliance_facts(identity, facts)
+    if ctx.call.method in (Method.GET, Method.HEAD, Method.DELETE, Method.OPTIONS):
+        return None  # no model, no tokens (e.g. GET /v1/models)
+
+    body = check_chat_body(await ctx.json(), ctx.dialect)
+    alias: str = body["model"]
+    facts.setdefault("alias", alias)
+    access.check_model(identity, alias)
+    access.check_targets(identity, alias, conf)
+
+    found = quotas.budgets(identity, alias, conf)
+    if not found:
+        return None
+    est = quotas.estimate(
+        body, ctx.dialect, conf, facts.get("prompt_tokens"), quotas.needs_spend(found)
+    )
+    facts["prompt_tokens"] = est.prompt_tokens
+    now = time.time()
+    counters = quotas.counters(found, est, now)
+    reservation = new_reservation_id()
+    try:
+        store = store_for(conf)
+        outcome = await store.reserve(reservation, counters, conf.reservation_ttl_s)
+    except QuotaStoreUnavailable as exc:
+        _warn_unreachable(str(exc), conf)
+        if conf.store_unreachable == "open":
+            return None
+        raise ServiceUnavailable(
+            "The gateway cannot check your quota right now (its quota store is unreachable) "
+            "and refuses requests it cannot count. Retry shortly; operators: check "
+            "DEEPGATE_REDIS_URL and the Redis server.",
+            code="quota_store_unavailable",
+            retry_after=1,
+        ) from None
+
+    for name, value in quotas.rate_headers(counters, outcome.values, now):
+        ctx.add_response_header(name, value)
+    if outcome.refused is not None:
+        i = outcome.refused
+        raise quotas.refusal(counters[i], outcome.values[i], est, now)
+
+    async def release() -> None:
+        await store.release(reservation)
+
+    ctx.on_stop.append(release)
+    facts["reservation"] = {
+        "id": reservation,
+        "store": conf.store,
+        "tokens": est.tokens,
+        "spend_micro_usd": est.spend_micro_usd,
+    }
+    return None
+
+
+SPEC = PluginSpec(name=NAME, config=Config, on_request=on_request)

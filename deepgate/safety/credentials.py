@@ -78,19 +78,34 @@ class SecretsDetector:
     def scan(self, text: str) -> list[Finding]:
         out: list[Finding] = []
         for label, plugin in self.plugins:
-            for secret in plugin.analyze_string(text):
-                if not secret:
-                    continue
-                start = text.find(secret)
-                while start >= 0:
-                    end = start + len(secret)
-                    first = start
-                    if label == "private_key":  # the header matched: take the whole PEM block
-                        end = _pem_end(text, start)
-                        first = start - 5 if text[max(0, start - 5) : start] == "-----" else start
-                    out.append(Finding(self.name, label, first, end, 1.0))
-                    start = text.find(secret, end)
+            # The plugin's own matching (with its validations, e.g. a JWT must decode) decides;
+            # its regexes give the spans: what it yields may be only a capture group.
+            secrets = [s for s in plugin.analyze_string(text) if s]
+            if not secrets:
+                continue
+            for start, end in _spans(text, plugin, secrets):
+                if label == "private_key":  # the header matched: take the whole PEM block
+                    start = start - 5 if text[max(0, start - 5) : start] == "-----" else start
+                    end = _pem_end(text, start)
+                out.append(Finding(self.name, label, start, end, 1.0))
         return out
+
+
+def _spans(text: str, plugin: Any, secrets: list[str]) -> list[tuple[int, int]]:
+    spans = [
+        m.span()
+        for regex in getattr(plugin, "denylist", ())
+        for m in regex.finditer(text)
+        if any(secret in m.group(0) for secret in secrets)
+    ]
+    if spans:
+        return spans
+    for secret in secrets:  # a plugin without regexes of its own: locate what it found
+        start = text.find(secret)
+        while start >= 0:
+            spans.append((start, start + len(secret)))
+            start = text.find(secret, start + len(secret))
+    return spans
 
 
 _PEM_END = re.compile(r"-----END [A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----")

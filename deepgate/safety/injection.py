@@ -34,6 +34,11 @@ FAMILIES: dict[str, tuple[float, str]] = {
         rf"\b(?:ignore|disregard|forget|override|bypass|skip|drop|abandon|neglect)"
         rf"(?:\W+\w+){{0,3}}?\W+{_PRIOR}{_W}?{_RULES_NOUN}\b",
     ),
+    "forget_everything": (
+        1.0,
+        r"\b(?:forget|disregard|ignore)\W+(?:about\W+)?(?:everything|all(?:\W+of\W+it)?|what)\W+"
+        r"(?:above|before|so\W+far|previously|prior|you\W+(?:were|have\W+been)\W+(?:told|given))",
+    ),
     "reveal_system_prompt": (
         1.0,
         r"\b(?:print|reveal|show|repeat|output|display|tell|give|leak|dump|write\W+out|recite)"
@@ -77,6 +82,7 @@ class InjectionRules:
     scope: Scope
     pattern: re.Pattern[str] | None  # one alternation: one pass over the text for every family
     groups: dict[str, tuple[str, float]]  # group name -> (family, score)
+    extra: tuple[tuple[str, re.Pattern[str]], ...] = ()  # the route's phrases, scored 1.0
     name: str = NAME
     slow: bool = False
 
@@ -88,28 +94,27 @@ class InjectionRules:
         scope: Scope,
         extra: tuple[tuple[str, str], ...] = (),
     ) -> InjectionRules:
-        """``extra``: (name, regex) phrases of the route's own, scored 1.0; ``threshold`` None
-        leaves the built-in families out."""
+        """``extra``: (name, regex) phrases of the route's own, each compiled alone (they may
+        carry their own flags); ``threshold`` None leaves the built-in families out."""
         chosen = [
             (f, score, src)
             for f, (score, src) in FAMILIES.items()
             if threshold is not None and score >= threshold
         ]
-        chosen += [(name, 1.0, src) for name, src in extra]
-        if not chosen:
-            return cls(action, scope, None, {})
-        groups = {f"_r{i}": (family, score) for i, (family, score, _) in enumerate(chosen)}
-        source = "|".join(f"(?P<_r{i}>{src})" for i, (_, _, src) in enumerate(chosen))
-        return cls(action, scope, re.compile(source, re.IGNORECASE), groups)
+        groups = {f"r{i}": (family, score) for i, (family, score, _) in enumerate(chosen)}
+        source = "|".join(f"(?P<r{i}>{src})" for i, (_, _, src) in enumerate(chosen))
+        pattern = re.compile(source, re.IGNORECASE) if chosen else None
+        phrases = tuple((name, re.compile(src)) for name, src in extra)
+        return cls(action, scope, pattern, groups, phrases)
 
     def scan(self, text: str) -> list[Finding]:
-        if self.pattern is None:
-            return []
         out = []
-        for m in self.pattern.finditer(text):
-            group = m.lastgroup if m.lastgroup in self.groups else None
-            if group is None:  # an extra phrase with named groups of its own
-                group = next(g for g in self.groups if m.group(g) is not None)
-            family, score = self.groups[group]
-            out.append(Finding(self.name, family, m.start(), m.end(), score))
+        if self.pattern is not None:
+            for m in self.pattern.finditer(text):
+                family, score = self.groups[m.lastgroup or ""]
+                out.append(Finding(self.name, family, m.start(), m.end(), score))
+        for name, phrase in self.extra:
+            out.extend(
+                Finding(self.name, name, m.start(), m.end(), 1.0) for m in phrase.finditer(text)
+            )
         return out

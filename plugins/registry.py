@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from plugins import auth_bridge, prompt_filter
+from plugins import auth_bridge, policy, prompt_filter, safety
 from plugins.base import PluginSpec
 
 
@@ -15,4 +15,6 @@ def build_registry(specs: list[PluginSpec]) -> dict[str, PluginSpec]:
     return registry
 
 
-REGISTRY = build_registry([auth_bridge.SPEC, prompt_filter.SPEC])
+REGISTRY = build_registry(
+    [auth_bridge.SPEC, policy.SPEC, prompt_filter.SPEC, safety.SPEC]
+)

@@ -123,6 +123,8 @@ class Config(PluginConfig, DetectorsConfig):
         if self.output is not None:
             build_detectors(self.output)  # the sidecar builds them again; fail here, not there
         actions = {d.name: d.action for d in detectors}
+        if self.injection is not None:  # the classifier reports as injection, rules on or off
+            actions[INJECTION] = self.injection.action
         if self.topics is not None:
             actions[TOPICS] = self.topics.action
         self._compiled = Compiled(

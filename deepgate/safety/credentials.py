@@ -45,6 +45,19 @@ LABELS: dict[str, str] = {
     "TwilioKeyDetector": "twilio_key",
     "KeywordDetector": "secret_keyword",
 }
+# Detectors whose regexes are slow on prose (a keyword, a separator, then a long secret, tried at
+# every position) run only when the text holds a substring every one of their regexes needs.
+# Read off detect-secrets' patterns: the assignment ones need a key/password/token keyword.
+_KEYWORDS = ("key", "pw", "pass", "token")
+GATES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    # label: (needed in the lower-cased text, needed in the text as written): any one will do
+    "cloudant_credentials": ((*_KEYWORDS, "cloudant"), ()),
+    "ibm_cloud_iam_key": (_KEYWORDS, ()),
+    "ibm_cos_hmac_key": (("key",), ()),
+    "softlayer_credentials": ((*_KEYWORDS, "softlayer"), ()),
+    "artifactory_token": ((), ("AKC", "AP")),
+    "mailchimp_key": (("-us",), ()),
+}
 OFF_BY_DEFAULT = frozenset({"secret_keyword"})
 DEFAULT_KINDS: tuple[str, ...] = tuple(v for v in LABELS.values() if v not in OFF_BY_DEFAULT)
 
@@ -77,7 +90,14 @@ class SecretsDetector:
 
     def scan(self, text: str) -> list[Finding]:
         out: list[Finding] = []
+        lowered: str | None = None
         for label, plugin in self.plugins:
+            gate = GATES.get(label)
+            if gate is not None:
+                if lowered is None:
+                    lowered = text.lower()
+                if not any(w in lowered for w in gate[0]) and not any(w in text for w in gate[1]):
+                    continue
             # The plugin's own matching (with its validations, e.g. a JWT must decode) decides;
             # its regexes give the spans: what it yields may be only a capture group.
             secrets = [s for s in plugin.analyze_string(text) if s]

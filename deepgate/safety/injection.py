@@ -74,14 +74,33 @@ FAMILIES: dict[str, tuple[float, str]] = {
 }
 
 
+# family -> words (lower case) of which the text must hold one before the family's regex runs:
+# each regex needs one of them, and a substring test is far cheaper than the regex on prose.
+ANCHORS: dict[str, tuple[str, ...]] = {
+    "override_instructions": (
+        "instruction", "prompt", "rule", "guideline", "direct", "command", "constraint",
+        "context", "programming", "guardrail", "restriction", "polic",
+    ),
+    "forget_everything": ("forget", "disregard", "ignore"),
+    "reveal_system_prompt": ("prompt", "instruction", "message", "rule"),
+    "unrestricted_persona": (
+        "dan", "unrestricted", "unfiltered", "uncensored", "jailbroken", "evil",
+    ),
+    "do_anything_now": ("anything", "dan"),
+    "developer_mode": ("mode",),
+    "no_restrictions": ("restriction", "filter", "limitation", "censorship", "guideline", "safety"),
+    "new_instructions": ("instruction", "task", "order"),
+    "german_override": ("anweisung", "regel", "vorgabe", "instruktion", "befehl"),
+}  # fmt: skip
+
+
 @dataclass(frozen=True, slots=True)
 class InjectionRules:
     """The rule families at or above ``threshold``, plus the route's own extra phrases."""
 
     action: Action
     scope: Scope
-    pattern: re.Pattern[str] | None  # one alternation: one pass over the text for every family
-    groups: dict[str, tuple[str, float]]  # group name -> (family, score)
+    families: tuple[tuple[str, float, tuple[str, ...], re.Pattern[str]], ...]
     extra: tuple[tuple[str, re.Pattern[str]], ...] = ()  # the route's phrases, scored 1.0
     name: str = NAME
     slow: bool = False
@@ -96,23 +115,24 @@ class InjectionRules:
     ) -> InjectionRules:
         """``extra``: (name, regex) phrases of the route's own, each compiled alone (they may
         carry their own flags); ``threshold`` None leaves the built-in families out."""
-        chosen = [
-            (f, score, src)
-            for f, (score, src) in FAMILIES.items()
+        families = tuple(
+            (family, score, ANCHORS[family], re.compile(source, re.IGNORECASE))
+            for family, (score, source) in FAMILIES.items()
             if threshold is not None and score >= threshold
-        ]
-        groups = {f"r{i}": (family, score) for i, (family, score, _) in enumerate(chosen)}
-        source = "|".join(f"(?P<r{i}>{src})" for i, (_, _, src) in enumerate(chosen))
-        pattern = re.compile(source, re.IGNORECASE) if chosen else None
+        )
         phrases = tuple((name, re.compile(src)) for name, src in extra)
-        return cls(action, scope, pattern, groups, phrases)
+        return cls(action, scope, families, phrases)
 
     def scan(self, text: str) -> list[Finding]:
-        out = []
-        if self.pattern is not None:
-            for m in self.pattern.finditer(text):
-                family, score = self.groups[m.lastgroup or ""]
-                out.append(Finding(self.name, family, m.start(), m.end(), score))
+        out: list[Finding] = []
+        if self.families:
+            lowered = text.lower()
+            for family, score, anchors, pattern in self.families:
+                if any(a in lowered for a in anchors):
+                    out.extend(
+                        Finding(self.name, family, m.start(), m.end(), score)
+                        for m in pattern.finditer(text)
+                    )
         for name, phrase in self.extra:
             out.extend(
                 Finding(self.name, name, m.start(), m.end(), 1.0) for m in phrase.finditer(text)

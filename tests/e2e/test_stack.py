@@ -123,7 +123,11 @@ def test_wrong_key_on_the_anthropic_route_is_anthropic_shaped(stack: Stack) -> N
 def test_provider_failure_falls_back_visibly(stack: Stack) -> None:
     stack.fakes.deepseek.behave(status=500)
     with client(stack) as oa:
-        raw = oa.chat.completions.with_raw_response.create(model="deepseek-chat", messages=HI)  # type: ignore[arg-type]
+        raw = oa.chat.completions.with_raw_response.create(
+            model="deepseek-chat",
+            messages=HI,  # type: ignore[arg-type]
+            extra_headers={"Cache-Control": "no-cache"},  # a provider must answer, not the cache
+        )
     assert raw.headers["x-deepgate-route"] == "openai:gpt-5-mini"
     assert "openai" in (raw.parse().choices[0].message.content or "")
 

@@ -26,6 +26,7 @@ rounds.
 
 from __future__ import annotations
 
+import asyncio
 import calendar
 import time
 import uuid
@@ -64,6 +65,10 @@ class Counter:
     def ttl_s(self) -> int:
         return max(1, int(self.reset_at - time.time()) + _WINDOW_MARGIN_S)
 
+    @property
+    def expire_at(self) -> int:
+        return int(self.reset_at) + _WINDOW_MARGIN_S
+
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
@@ -74,8 +79,24 @@ class Outcome:
     refused: int | None = None  # index of the first counter the request would overrun
 
 
+_bounds_memo: dict[tuple[Window, int], tuple[str, float]] = {}
+
+
 def window_bounds(window: Window, now: float) -> tuple[str, float]:
-    """The window's label (part of the key) and the unix time it ends, both in UTC."""
+    """The window's label (part of the key) and the unix time it ends, both in UTC.
+
+    Remembered per minute: dates are computed once a minute, not on every request.
+    """
+    memo = (window, int(now // 60))
+    found = _bounds_memo.get(memo)
+    if found is None:
+        if len(_bounds_memo) > 64:
+            _bounds_memo.clear()
+        found = _bounds_memo[memo] = _window_bounds(window, now)
+    return found
+
+
+def _window_bounds(window: Window, now: float) -> tuple[str, float]:
     if window == "minute":
         index = int(now // 60)
         return str(index), float((index + 1) * 60)
@@ -128,18 +149,19 @@ class QuotaStore(Protocol):
 
 # --- Redis ------------------------------------------------------------------------------------
 
-# KEYS[1]: the reservation record; KEYS[2..]: the counters.
-# ARGV[1]: the record's lifetime (s); ARGV[2]: the record (JSON); then per counter: limit, amount,
-# lifetime (s). Returns {granted (0|1), index of the first refused counter (0 = none), values...}.
+# KEYS[1]: the reservation record; KEYS[2..]: the counters. ARGV[1]: the record's lifetime (s);
+# ARGV[2]: per counter [limit, amount, expiry (unix s), kind ("r" | "t" | "s")], as one JSON
+# array (few arguments: packing them is most of the client's cost). Returns {granted (0|1),
+# index of the first refused counter (0 = none), each counter's value...}.
 RESERVE_LUA = """
+local specs = cjson.decode(ARGV[2])
 local n = #KEYS - 1
 local values = {}
 local refused = 0
 for i = 1, n do
-  local base = 2 + (i - 1) * 3
   local current = tonumber(redis.call('GET', KEYS[i + 1]) or '0')
   values[i] = current
-  if refused == 0 and current + tonumber(ARGV[base + 2]) > tonumber(ARGV[base + 1]) then
+  if refused == 0 and current + specs[i][2] > specs[i][1] then
     refused = i
   end
 end
@@ -149,15 +171,19 @@ if refused > 0 then
   return out
 end
 local out = {1, 0}
+local record = {t = {}, s = {}}
 for i = 1, n do
-  local base = 2 + (i - 1) * 3
-  local key = KEYS[i + 1]
-  out[i + 2] = redis.call('INCRBY', key, ARGV[base + 2])
-  if redis.call('TTL', key) < 0 then
-    redis.call('EXPIRE', key, ARGV[base + 3])
+  local key, spec = KEYS[i + 1], specs[i]
+  local after = redis.call('INCRBY', key, spec[2])
+  out[i + 2] = after
+  if after == spec[2] then
+    redis.call('EXPIREAT', key, spec[3])  -- new in this window: it ends with the window
+  end
+  if spec[4] ~= 'r' then
+    table.insert(record[spec[4]], {key, spec[2]})
   end
 end
-redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[1])
+redis.call('SET', KEYS[1], cjson.encode(record), 'EX', ARGV[1])
 return out
 """
 
@@ -185,60 +211,93 @@ return 1
 
 
 class RedisQuotaStore:
-    """Counters in Redis; one instance per process and URL (a connection pool inside)."""
+    """Counters in Redis; one instance per process and URL.
+
+    It checks redis-py connections out of a plain list rather than redis-py's pool: the pool's
+    locking and metrics cost more than the script itself on this path. redis-py still does the
+    rest (URL, AUTH, database, TLS, the wire protocol). At most ``max_connections`` calls are in
+    flight; more wait for a free connection. Every call is ``EVALSHA``; a server that lacks the
+    script (restarted, flushed) gets it once with ``SCRIPT LOAD``.
+    """
 
     def __init__(self, url: str, timeout_s: float = 0.1, max_connections: int = 64) -> None:
-        import redis.asyncio as aioredis
-        from redis.asyncio.retry import Retry
-        from redis.backoff import NoBackoff
+        from redis.asyncio import ConnectionPool
 
-        # A blocking pool: past max_connections a call waits for a free connection (briefly)
-        # instead of failing, so a burst of requests queues rather than being refused.
-        pool = aioredis.BlockingConnectionPool.from_url(
-            url,
-            max_connections=max_connections,
-            timeout=timeout_s + 1.0,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            # one immediate retry (a pooled connection Redis closed); no backoff on the
-            # request path: an unreachable store is the caller's fail-open/closed decision
-            retry=Retry(NoBackoff(), 1),
+        # only its URL parsing and connection factory are used
+        self._factory = ConnectionPool.from_url(
+            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
         )
-        self._client = aioredis.Redis.from_pool(pool)  # owns the pool: closed with it
-        # register_script: EVALSHA on every call, the source sent once when Redis lacks it.
-        self._reserve = self._client.register_script(RESERVE_LUA)
-        self._settle = self._client.register_script(SETTLE_LUA)
+        self._idle: list[Any] = []
+        self._slots = asyncio.Semaphore(max_connections)
+        self._shas: dict[str, str] = {}
 
-    async def _call(self, coro: Any) -> Any:
-        from redis.exceptions import RedisError
+    async def _script(self, source: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        from redis.exceptions import ConnectionError as RedisConnectionError
 
+        async with self._slots:
+            reused = bool(self._idle)
+            try:
+                return await self._run(source, keys, args)
+            except QuotaStoreUnavailable as exc:
+                if not (reused and isinstance(exc.__cause__, RedisConnectionError)):
+                    raise
+                # An idle connection the server closed (restart, idle timeout): one retry on
+                # a fresh connection before calling the store unreachable.
+                return await self._run(source, keys, args)
+
+    async def _run(self, source: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        from redis.exceptions import NoScriptError, RedisError
+
+        conn = self._idle.pop() if self._idle else self._factory.make_connection()  # type: ignore[no-untyped-call]
         try:
-            return await coro  # socket timeouts bound the wait
+            if not conn.is_connected:
+                await conn.connect()
+            sha = self._shas.get(source)
+            if sha is not None:
+                try:
+                    await conn.send_command("EVALSHA", sha, len(keys), *keys, *args)
+                    reply = await conn.read_response()
+                except NoScriptError:
+                    sha = None
+            if sha is None:
+                await conn.send_command("SCRIPT", "LOAD", source)
+                loaded = await conn.read_response()
+                sha = loaded.decode() if isinstance(loaded, bytes) else str(loaded)
+                self._shas[source] = sha
+                await conn.send_command("EVALSHA", sha, len(keys), *keys, *args)
+                reply = await conn.read_response()
         except (RedisError, OSError, TimeoutError) as exc:
+            await conn.disconnect()
             raise QuotaStoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        except BaseException:
+            await conn.disconnect()  # cancelled mid-reply: the connection's state is unknown
+            raise
+        self._idle.append(conn)
+        return reply
 
     async def reserve(
         self, reservation_id: str, counters: Sequence[Counter], hold_s: int
     ) -> Outcome:
         keys = [reservation_key(reservation_id), *(c.key for c in counters)]
-        args: list[Any] = [hold_s, orjson.dumps(_record(counters))]
-        for c in counters:
-            args.extend((c.limit, c.amount, c.ttl_s))
-        out = await self._call(self._reserve(keys=keys, args=args))
+        specs = orjson.dumps([(c.limit, c.amount, c.expire_at, c.kind[0]) for c in counters])
+        out = await self._script(RESERVE_LUA, keys, (hold_s, specs))
         granted, refused = int(out[0]), int(out[1])
         values = tuple(int(v) for v in out[2:])
         return Outcome(bool(granted), values, refused - 1 if refused else None)
 
     async def settle(self, reservation_id: str, tokens: int, spend: int) -> bool:
         keys = [reservation_key(reservation_id)]
-        done = await self._call(self._settle(keys=keys, args=[max(0, tokens), max(0, spend)]))
+        done = await self._script(SETTLE_LUA, keys, (max(0, tokens), max(0, spend)))
         return bool(int(done))
 
     async def release(self, reservation_id: str) -> bool:
         return await self.settle(reservation_id, 0, 0)
 
     async def close(self) -> None:
-        await self._client.aclose()
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            await conn.disconnect()
+        await self._factory.disconnect()
 
 
 # --- in process -------------------------------------------------------------------------------

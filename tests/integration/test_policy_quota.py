@@ -18,6 +18,7 @@ import pytest
 import redis
 
 from deepgate.catalog import load_catalog
+from deepgate.embedded_redis import EmbeddedRedis
 from deepgate.quota import (
     Counter,
     QuotaStoreUnavailable,
@@ -147,6 +148,21 @@ async def test_unreachable_redis_is_a_store_error() -> None:
     with pytest.raises(QuotaStoreUnavailable):
         await store.reserve("r", [counter("t", 10, 1)], 900)
     await store.close()
+
+
+async def test_a_restarted_redis_is_reconnected_and_the_script_reloaded() -> None:
+    server = EmbeddedRedis().start()
+    store = RedisQuotaStore(server.url, timeout_s=1.0)
+    try:
+        assert (await store.reserve("r1", [counter("t", 10, 1)], 900)).granted
+        server.stop()
+        server.start()  # same port, empty: the pooled connection is dead, the script unknown
+        outcome = await store.reserve("r2", [counter("t", 10, 1)], 900)
+        assert outcome.granted
+        assert outcome.values == (1,)
+    finally:
+        await store.close()
+        server.stop()
 
 
 # --- the sidecar's reconciliation ------------------------------------------------------------

@@ -134,9 +134,10 @@ def build_local_chat(config: SidecarConfig) -> Provider:
 def build_answer_hooks(config: SidecarConfig, inference: Inference | None) -> AnswerHooks:
     """The steps every answer takes on its way out, in order (see sidecar/answer_hooks.py)."""
     from sidecar.hooks.cache_write import CacheWrite
+    from sidecar.hooks.quota import QuotaReconciler
 
     # CacheWrite stores what the client got: it stays after output safety and restore.
-    return AnswerHooks([CacheWrite(inference)])
+    return AnswerHooks([CacheWrite(inference), *QuotaReconciler.from_env()])
 
 
 def route_key_from_env() -> bytes | None:

@@ -53,6 +53,7 @@ DEFAULT_ENTITIES = (
 _DIGIT_OR_AT = re.compile(r"[\d@]")
 _MODEL_FRAMEWORKS = ("torch", "transformers", "sentence_transformers")
 _load_lock = threading.Lock()
+_ner_lock = threading.Lock()
 
 
 @functools.cache
@@ -128,7 +129,8 @@ class PersonalDataDetector:
                 if prefilter.search(text):
                     out.extend(self._found(recognizer.analyze(text, [entity], None)))
         if self.ner_entities:
-            artifacts = _nlp_engine().process_text(text, "en")
+            with _ner_lock:  # one pipeline per process; spaCy does not promise thread safety
+                artifacts = _nlp_engine().process_text(text, "en")
             spacy = _recognizer("SpacyRecognizer")
             out.extend(self._found(spacy.analyze(text, list(self.ner_entities), artifacts)))
         return out

@@ -188,6 +188,12 @@ def test_personal_data_threshold_drops_weak_matches() -> None:
 
 
 def test_named_entities_with_the_small_spacy_model() -> None:
+    import spacy.util
+
+    from deepgate.safety.personal_data import SPACY_MODEL
+
+    # an installed package: Presidio loads it by name and never reaches for spacy.cli.download
+    assert spacy.util.is_package(SPACY_MODEL)
     (d,) = build_detectors({"personal_data": {"entities": ["PERSON", "LOCATION"]}})
     assert d.slow
     found = labels(d, "My name is John Smith and I live in Berlin.")

@@ -23,7 +23,7 @@ _PRIOR = (
 )
 _RULES_NOUN = (
     r"(?:instructions?|prompts?|rules|guidelines|directions|directives|commands|constraints"
-    r"|context|programming|guardrails|restrictions|policies|polic(?:y|ies))"
+    r"|context|programming|guardrails|restrictions|polic(?:y|ies)|orders|assignments)"
 )
 
 # family -> (score, pattern). Scores: 1.0 is an unambiguous attack phrase; 0.7 is a phrasing
@@ -36,14 +36,16 @@ FAMILIES: dict[str, tuple[float, str]] = {
     ),
     "forget_everything": (
         1.0,
-        r"\b(?:forget|disregard|ignore)\W+(?:about\W+)?(?:everything|all(?:\W+of\W+it)?|what)\W+"
-        r"(?:above|before|so\W+far|previously|prior|you\W+(?:were|have\W+been)\W+(?:told|given))",
+        r"\b(?:forget|disregard|ignore)\W+(?:about\W+)?(?:everything|all(?:\W+of\W+it)?|what)"
+        r"(?:\W+\w+){0,4}?\W+(?:above|before|so\W+far|previously|prior|you\W+(?:were|have\W+been)"
+        r"\W+(?:told|given)|(?:we|I)\W+(?:have\W+|'ve\W+)?(?:talked|said|discussed))\b",
     ),
     "reveal_system_prompt": (
         1.0,
         r"\b(?:print|reveal|show|repeat|output|display|tell|give|leak|dump|write\W+out|recite)"
         r"(?:\W+\w+){0,4}?\W+(?:system|hidden|secret|initial|original|developer)\W+"
-        r"(?:prompt|instructions?|message|rules)\b",
+        r"(?:prompt|instructions?|message|rules)\b"
+        r"|\bwhat\W+(?:are|were)\W+your\W+(?:original\W+|initial\W+|hidden\W+)?instructions\b",
     ),
     "unrestricted_persona": (
         1.0,
@@ -64,12 +66,25 @@ FAMILIES: dict[str, tuple[float, str]] = {
     ),
     "new_instructions": (
         0.7,
-        r"\b(?:new|updated|real|actual)\W+(?:instructions|task|orders)\W*:",
+        r"\b(?:new|updated|real|actual)\W+(?:instructions|task|orders)\W*:"
+        r"|\bnow\W+(?:\w+\W+){0,2}?new\W+tasks?\b",
+    ),
+    "instructions_are_now": (
+        1.0,
+        r"\byour\W+(?:new\W+)?instructions\W+are\W+now\b",
     ),
     "german_override": (
         1.0,
-        r"\b(?:vergiss|ignoriere|missachte|übergehe)\W+(?:\w+\W+){0,3}?(?:anweisungen|regeln"
-        r"|vorgaben|instruktionen|befehle)\b",
+        r"\b(?:vergiss|vergessen\W+sie|ignorier\w*|missacht\w*|übergeh\w*)\W+(?:\w+\W+){0,3}?"
+        r"(?:anweisungen|regeln|vorgaben|instruktionen|befehle)\b"
+        r"|\b(?:vergiss|vergessen\W+sie)\W+alles\W+(?:davor|zuvor|bisher|vorher|gesagte|was)\b",
+    ),
+    "other_language_override": (
+        1.0,
+        r"(?:забудь(?:те)?|игнорируй(?:те)?)\W+(?:\w+\W+){0,3}?(?:инструкции|указания|правила)"
+        r"|\b(?:olvid[ae]|ignor[ae])\W+(?:\w+\W+){0,3}?(?:instrucciones|reglas|lo\W+anterior"
+        r"|todo\W+(?:lo\W+)?que\W+(?:te\W+)?(?:dije|digo))\b"
+        r"|\b(?:oublie[zs]?|ignorez)\W+(?:\w+\W+){0,3}?(?:instructions|consignes|règles)\b",
     ),
 }
 
@@ -79,9 +94,14 @@ FAMILIES: dict[str, tuple[float, str]] = {
 ANCHORS: dict[str, tuple[str, ...]] = {
     "override_instructions": (
         "instruction", "prompt", "rule", "guideline", "direct", "command", "constraint",
-        "context", "programming", "guardrail", "restriction", "polic",
+        "context", "programming", "guardrail", "restriction", "polic", "order", "assignment",
     ),
     "forget_everything": ("forget", "disregard", "ignore"),
+    "instructions_are_now": ("instructions",),
+    "other_language_override": (
+        "инструкц", "указани", "правил", "instrucciones", "reglas", "anterior", "dije", "digo",
+        "instructions", "consignes", "règles",
+    ),
     "reveal_system_prompt": ("prompt", "instruction", "message", "rule"),
     "unrestricted_persona": (
         "dan", "unrestricted", "unfiltered", "uncensored", "jailbroken", "evil",
@@ -90,7 +110,10 @@ ANCHORS: dict[str, tuple[str, ...]] = {
     "developer_mode": ("mode",),
     "no_restrictions": ("restriction", "filter", "limitation", "censorship", "guideline", "safety"),
     "new_instructions": ("instruction", "task", "order"),
-    "german_override": ("anweisung", "regel", "vorgabe", "instruktion", "befehl"),
+    "german_override": (
+        "anweisung", "regel", "vorgabe", "instruktion", "befehl", "davor", "zuvor", "bisher",
+        "vorher", "gesagte", "was",
+    ),
 }  # fmt: skip
 
 

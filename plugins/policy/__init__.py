@@ -27,7 +27,12 @@ import time
 
 from deepgate.chat import check_chat_body
 from deepgate.config import ConfigError, resolve_secret
-from deepgate.errors import AuthenticationFailed, PermissionDenied, ServiceUnavailable
+from deepgate.errors import (
+    AuthenticationFailed,
+    InvalidRequest,
+    PermissionDenied,
+    ServiceUnavailable,
+)
 from deepgate.quota import (
     MemoryQuotaStore,
     QuotaStore,
@@ -124,7 +129,18 @@ async def on_request(ctx: RequestContext, conf: Config) -> Stop | None:
     if ctx.call.method in (Method.GET, Method.HEAD, Method.DELETE, Method.OPTIONS):
         return None  # no model, no tokens (e.g. GET /v1/models)
 
-    body = check_chat_body(await ctx.json(), ctx.dialect)
+    body = await ctx.json()
+    counted = facts.get("prompt_tokens")
+    try:
+        check_chat_body(body, ctx.dialect)
+    except InvalidRequest:
+        # A prompt-filter template request ({"template_name": ..., "model": ...}) becomes a chat
+        # body only later in the chain: judge its model now, estimate its prompt by its size.
+        if not (isinstance(body, dict) and "template_name" in body):
+            raise
+        if not isinstance(body.get("model"), str) or not body["model"]:
+            raise
+        counted = len(await ctx.body()) // 2
     alias: str = body["model"]
     facts.setdefault("alias", alias)
     access.check_model(identity, alias)
@@ -133,10 +149,9 @@ async def on_request(ctx: RequestContext, conf: Config) -> Stop | None:
     found = quotas.budgets(identity, alias, conf)
     if not found:
         return None
-    est = quotas.estimate(
-        body, ctx.dialect, conf, facts.get("prompt_tokens"), quotas.needs_spend(found)
-    )
-    facts["prompt_tokens"] = est.prompt_tokens
+    est = quotas.estimate(body, ctx.dialect, conf, counted, quotas.needs_spend(found))
+    if "messages" in body:
+        facts["prompt_tokens"] = est.prompt_tokens
     now = time.time()
     counters = quotas.counters(found, est, now)
     reservation = new_reservation_id()

@@ -14,7 +14,7 @@ from deepgate.embedded_redis import EmbeddedRedis
 from deepgate.request_facts import HEADER as FACTS_HEADER
 from deepgate.request_facts import unseal
 from devgateway.driver import RunnerConnection, RunnerError
-from plugins import policy
+from plugins import policy, prompt_filter
 from plugins.base import PluginSpec
 from plugins.registry import build_registry
 from plugins.runner import codec
@@ -22,7 +22,9 @@ from plugins.runner.server import Runner
 from tests.integration.conftest import StopConfig, call, chat_body, stop_json, stop_now
 
 ROUTE_KEY = "policy-test-route-key"
-REGISTRY = build_registry([policy.SPEC, PluginSpec("test-stop", StopConfig, on_request=stop_now)])
+REGISTRY = build_registry(
+    [policy.SPEC, prompt_filter.SPEC, PluginSpec("test-stop", StopConfig, on_request=stop_now)]
+)
 
 
 @pytest.fixture
@@ -234,3 +236,24 @@ async def test_bad_config_is_a_prepare_error_naming_the_field(runner: str) -> No
             await conn.prepare([("deepgate-policy", orjson.dumps(bad).decode())])
     finally:
         await conn.close()
+
+
+async def test_template_requests_are_judged_before_the_prompt_filter_renders_them(
+    runner: str, redis_url: str
+) -> None:
+    template = {"model": "deepseek-chat", "messages": [{"role": "user", "content": "Sum {{t}}"}]}
+    chain = [
+        ("deepgate-policy", conf(redis_url)),
+        ("deepgate-prompt-filter", {"templates": [{"name": "sum", "template": template}]}),
+    ]
+    body = orjson.dumps({"template_name": "sum", "model": "deepseek-chat", "t": "the news"})
+    resp = await send(runner, chain, body)
+    assert isinstance(resp.action, codec.Rewrite)
+    assert orjson.loads(resp.action.body)["messages"][0]["content"] == "Sum the news"
+    assert "x-ratelimit-limit-tokens" in dict(resp.action.resp_headers)
+    denied = orjson.dumps({"template_name": "sum", "model": "gpt-5", "t": "x"})
+    status, _, _ = stop_json(await send(runner, chain, denied))
+    assert status == 403
+    status, err, _ = stop_json(await send(runner, chain, orjson.dumps({"model": "deepseek-chat"})))
+    assert status == 400
+    assert err["error"]["param"] == "messages"

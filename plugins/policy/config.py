@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
-from pydantic import Field, PrivateAttr, model_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from deepgate.catalog import Catalog, load_catalog
 from deepgate.config import StrictModel
@@ -127,6 +127,16 @@ class Config(PluginConfig):
     catalog_file: str | None = None  # else DEEPGATE_CATALOG, else the shipped catalog
 
     _compiled: Compiled = PrivateAttr()
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str) -> str:
+        if value.startswith(("$", "redis://", "rediss://", "unix://")):
+            return value
+        raise ValueError(
+            "write a redis://, rediss:// or unix:// URL, or a secret reference such as "
+            "$env://DEEPGATE_REDIS_URL"
+        )
 
     @model_validator(mode="after")
     def _compile(self) -> Config:

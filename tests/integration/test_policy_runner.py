@@ -220,7 +220,7 @@ async def test_redis_down_fails_closed_or_open(runner: str) -> None:
 
 
 async def test_memory_store_counts_in_process(runner: str) -> None:
-    c = conf("unused", store="memory")
+    c = conf("redis://unused.invalid", store="memory")
     c["consumers"]["demo"]["quota"] = {"requests_per_minute": 1}
     chain = [("deepgate-policy", c)]
     assert isinstance((await send(runner, chain, chat_body())).action, codec.Rewrite)

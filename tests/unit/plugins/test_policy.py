@@ -38,6 +38,7 @@ def problem(**kw: Any) -> str:
         ({"consumers": {"a": {"quota": {"tokens_per_minute": 0}}}}, "tokens_per_minute"),
         ({"consumers": {"a": {"quota": {"tokens_per_hour": 5}}}}, "tokens_per_hour"),
         ({"store": "memcached"}, "store"),
+        ({"redis_url": "localhost:6379"}, "redis_url: Value error, write a redis://"),
         ({"store_unreachable": "maybe"}, "store_unreachable"),
         ({"catalog_file": "/nonexistent/catalog.yaml"}, "catalog_file"),
     ],

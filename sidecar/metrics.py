@@ -53,6 +53,12 @@ class Metrics:
             [*labels, "kind"],
             registry=self.registry,
         )
+        self.output_findings = Counter(
+            "deepgate_output_safety_findings",
+            "Findings of the output safety checks in answers, by detector and action.",
+            ("detector", "action"),
+            registry=self.registry,
+        )
         self.client_requests = Counter(
             "deepgate_http_requests",
             "Requests to the sidecar's HTTP face, by route and status.",
@@ -83,6 +89,9 @@ class Metrics:
         for kind, value in counts.items():
             if isinstance(value, int) and value > 0:
                 self.tokens.labels(provider, model, kind).inc(value)
+
+    def output_finding(self, detector: str, action: str) -> None:
+        self.output_findings.labels(detector, action).inc()
 
     def render(self) -> bytes:
         return bytes(generate_latest(self.registry))

@@ -100,6 +100,8 @@ def main() -> None:
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.setdefault("HF_HUB_OFFLINE", "1")
     env["DEEPGATE_SIDECAR_GRPC"] = SIDECAR_GRPC
+    # the router signs each route decision with it; the sidecar refuses unsigned requests
+    env["DEEPGATE_ROUTE_KEY"] = env.get("DEEPGATE_ROUTE_KEY") or secrets.token_urlsafe(32)
     env.setdefault("DEEPGATE_DATA_DIR", str(ROOT / "run"))
     Path(env["DEEPGATE_DATA_DIR"]).mkdir(parents=True, exist_ok=True)
 

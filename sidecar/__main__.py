@@ -102,7 +102,7 @@ async def serve(args: argparse.Namespace) -> int:
         route_key=route_key_from_env(),
         inference=inference,
         metrics=metrics,
-        hooks=build_answer_hooks(config, inference),
+        hooks=build_answer_hooks(config, inference, metrics),
     )
     try:
         await sidecar.start()

@@ -131,13 +131,20 @@ def build_local_chat(config: SidecarConfig) -> Provider:
     return LocalProvider(model)
 
 
-def build_answer_hooks(config: SidecarConfig, inference: Inference | None) -> AnswerHooks:
+def build_answer_hooks(
+    config: SidecarConfig, inference: Inference | None, metrics: Metrics | None = None
+) -> AnswerHooks:
     """The steps every answer takes on its way out, in order (see sidecar/answer_hooks.py)."""
     from sidecar.hooks.cache_write import CacheWrite
+    from sidecar.hooks.output_safety import OutputSafety
     from sidecar.hooks.quota import QuotaReconciler
+    from sidecar.hooks.restore import Restore
 
     # CacheWrite stores what the client got: it stays after output safety and restore.
-    return AnswerHooks([CacheWrite(inference), *QuotaReconciler.from_env()])
+    # Output safety sees the masked answer; Restore then puts the user's own data back.
+    return AnswerHooks(
+        [OutputSafety(metrics), Restore(), CacheWrite(inference), *QuotaReconciler.from_env()]
+    )
 
 
 def route_key_from_env() -> bytes | None:

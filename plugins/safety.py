@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -211,13 +212,50 @@ def _scoped(slots: Sequence[TextSlot], scope: Scope, last: int) -> list[TextSlot
 # --- the pool's detectors ---------------------------------------------------------------------
 
 
+# The pool's models read about 256 tokens of a text, and a long text dilutes one bad sentence
+# (an injection is often appended to a long, harmless text). A short text goes whole; a longer
+# one goes as sentences, short ones packed together up to WINDOW_CHARS, at most WINDOWS_MAX
+# pieces in one batch: the first few and the rest from the end.
+WINDOW_CHARS = 400
+WINDOWS_MAX = 16
+_HEAD_WINDOWS = 4
+_SENTENCE_END = re.compile("(?<=[.!?\u3002\uff01\uff1f])\\s+|\n+")
+
+
+def windows(text: str) -> list[str]:
+    """``text`` as the pieces the pool's models score (the caller takes the highest score)."""
+    if len(text) <= WINDOW_CHARS:
+        return [text]
+    pieces: list[str] = []
+    current = ""
+    for sentence in _SENTENCE_END.split(text):
+        if not sentence.strip():
+            continue
+        while len(sentence) > WINDOW_CHARS:  # a run-on "sentence": cut it
+            if current:
+                pieces.append(current)
+                current = ""
+            pieces.append(sentence[:WINDOW_CHARS])
+            sentence = sentence[WINDOW_CHARS:]
+        if current and len(current) + 1 + len(sentence) > WINDOW_CHARS // 4:
+            pieces.append(current)
+            current = sentence
+        else:
+            current = f"{current} {sentence}" if current else sentence
+    if current:
+        pieces.append(current)
+    if len(pieces) > WINDOWS_MAX:
+        pieces = pieces[:_HEAD_WINDOWS] + pieces[-(WINDOWS_MAX - _HEAD_WINDOWS) :]
+    return pieces
+
+
 async def _classify(conf: ClassifierConfig, text: str) -> list[Finding]:
-    scores = (await LINK.classify([text], conf.timeout_ms / 1000, model=conf.model))[0]
+    results = await LINK.classify(windows(text), conf.timeout_ms / 1000, model=conf.model)
     out = []
-    injection = scores.get("prompt_injection", 0.0)
+    injection = max(r.get("prompt_injection", 0.0) for r in results)
     if injection >= conf.threshold:
         out.append(Finding(INJECTION, "classifier", 0, len(text), injection))
-    unsafe = scores.get("unsafe", 0.0)
+    unsafe = max(r.get("unsafe", 0.0) for r in results)
     if conf.unsafe_threshold is not None and unsafe >= conf.unsafe_threshold:
         out.append(Finding(INJECTION, "classifier_unsafe", 0, len(text), unsafe))
     return out
@@ -234,7 +272,7 @@ class TopicVectors:
     ) -> list[list[float]]:
         key = (model, phrases)
         future = self._known.get(key)
-        if future is None or (future.done() and future.exception() is not None):
+        if future is None or (future.done() and (future.cancelled() or future.exception())):
             future = asyncio.ensure_future(LINK.embed(list(phrases), timeout_s, model=model))
             self._known[key] = future
         return await asyncio.shield(future)
@@ -254,10 +292,11 @@ async def _topics(conf: TopicsConfig, text: str) -> list[Finding]:
     owners = [t.name for t in conf.topics for _ in t.phrases]
     timeout_s = conf.timeout_ms / 1000
     vectors = await TOPIC_VECTORS.get(conf.model, phrases, timeout_s)
-    prompt = (await LINK.embed([text], timeout_s, model=conf.model))[0]
+    prompts = await LINK.embed(windows(text), timeout_s, model=conf.model)
     best: dict[str, float] = {}
     for owner, vector in zip(owners, vectors, strict=True):
-        best[owner] = max(best.get(owner, -1.0), _cosine(prompt, vector))
+        for prompt in prompts:
+            best[owner] = max(best.get(owner, -1.0), _cosine(prompt, vector))
     return [
         Finding(TOPICS, owner, 0, len(text), score)
         for owner, score in best.items()

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
 import orjson
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from deepgate.chat import Dialect
 from deepgate.config import resolve_secret
@@ -300,26 +301,81 @@ def answer_chunks(answer: dict[str, Any]) -> list[dict[str, Any]]:
 
 # --- Redis ------------------------------------------------------------------------------------
 
-_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, aioredis.Redis]] = (
-    weakref.WeakKeyDictionary()
-)
+
+class EntryStore:
+    """GET and SET of cache entries: the lookup is the one Redis round trip on the request path.
+
+    redis-py parses the URL, authenticates, selects the database and speaks the protocol; its
+    connections are kept in a plain list rather than its pool, whose locking costs more than
+    the GET itself here, and its socket timeout is the deadline (no extra task per call). A
+    connection the server closed while idle gets one retry on a fresh one.
+    """
+
+    def __init__(self, url: str, timeout_s: float, max_idle: int = 64) -> None:
+        self._factory = aioredis.ConnectionPool.from_url(
+            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
+        )
+        self._idle: list[Any] = []
+        self._max_idle = max_idle
+
+    async def get(self, key: str) -> bytes | None:
+        reply = await self._command("GET", key)
+        return reply if isinstance(reply, bytes) else None
+
+    async def set(self, key: str, value: bytes, ttl_s: int) -> None:
+        await self._command("SET", key, value, "EX", ttl_s)
+
+    async def _command(self, *args: Any) -> Any:
+        reused = bool(self._idle)
+        try:
+            return await self._run(args)
+        except RedisConnectionError:
+            if not reused:
+                raise
+            return await self._run(args)  # an idle connection the server had closed
+
+    async def _run(self, args: tuple[Any, ...]) -> Any:
+        conn = self._idle.pop() if self._idle else self._factory.make_connection()  # type: ignore[no-untyped-call]
+        try:
+            if not conn.is_connected:
+                await conn.connect()
+            await conn.send_command(*args)
+            reply = await conn.read_response()
+        except BaseException:
+            await conn.disconnect()  # failed or cancelled mid-reply: its state is unknown
+            raise
+        if len(self._idle) < self._max_idle:
+            self._idle.append(conn)
+        else:
+            await conn.disconnect()
+        return reply
+
+    async def close(self) -> None:
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            await conn.disconnect()
+        await self._factory.disconnect()
 
 
-def redis_client(url: str) -> aioredis.Redis:
-    """One client (with its connection pool) per Redis URL and event loop, for the process."""
+_clients: weakref.WeakKeyDictionary[
+    asyncio.AbstractEventLoop, dict[tuple[str, float], EntryStore]
+] = weakref.WeakKeyDictionary()
+
+
+def redis_client(url: str, timeout_s: float) -> EntryStore:
+    """One store (with its connections) per Redis URL, timeout and event loop, for the process."""
     per_loop = _clients.setdefault(asyncio.get_running_loop(), {})
-    client = per_loop.get(url)
+    client = per_loop.get((url, timeout_s))
     if client is None:
-        client = aioredis.Redis.from_url(url, socket_connect_timeout=2.0)
-        per_loop[url] = client
+        client = per_loop[(url, timeout_s)] = EntryStore(url, timeout_s)
     return client
 
 
 async def close_clients() -> None:
-    """Close this loop's clients (at shutdown, and between tests)."""
+    """Close this loop's connections (at shutdown, and between tests)."""
     per_loop = _clients.pop(asyncio.get_running_loop(), {})
     for client in per_loop.values():
-        await client.aclose()
+        await client.close()
 
 
 # --- the vector store of the semantic layer ---------------------------------------------------

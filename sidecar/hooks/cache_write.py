@@ -62,11 +62,9 @@ class CacheWrite(AnswerHook):
             return
         plan: dict[str, Any] = dict(ex.facts.get("cache", {}))
         try:
-            client = rc.redis_client(resolve_secret(str(plan["redis"])))
+            client = rc.redis_client(resolve_secret(str(plan["redis"])), WRITE_TIMEOUT_S)
             entry = rc.encode_entry(ex.answer, ex.target)
-            await asyncio.wait_for(
-                client.set(str(plan["key"]), entry, ex=int(plan["ttl"])), WRITE_TIMEOUT_S
-            )
+            await client.set(str(plan["key"]), entry, int(plan["ttl"]))
         except (RedisError, OSError, TimeoutError, ConfigError, KeyError) as exc:
             log.warning("a cacheable answer was not cached: %s", type(exc).__name__)
             return

@@ -99,13 +99,14 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PolicyStack]:
     tmp = tmp_path_factory.mktemp("policy")
     fakes = Fakes()
     server = EmbeddedRedis().start()
-    sidecar_port, port = free_port(), free_port()
+    sidecar_port, grpc_port, port = free_port(), free_port(), free_port()
     routes_file(tmp / "apisix.yaml", sidecar_port)
     env = {k: v for k, v in os.environ.items() if not k.endswith(("_API_KEY", "_BASE_URL"))}
     env.update(
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
         DEEPGATE_DEMO_KEY=KEY,
         DEEPGATE_REDIS_URL=server.url,
+        DEEPGATE_SIDECAR_GRPC=f"127.0.0.1:{grpc_port}",
         DEEPSEEK_API_KEY="sk-fake-deepseek",
         DEEPSEEK_BASE_URL=fakes.deepseek.url,
         OPENAI_API_KEY="sk-fake-openai",
@@ -124,7 +125,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PolicyStack]:
     s = PolicyStack(port, server.url, fakes, procs, log)
     with log.open("wb") as out:
         sidecar = [sys.executable, "-m", "sidecar", "--role", "gateway"]
-        sidecar += ["--http", f"127.0.0.1:{sidecar_port}", "--grpc", f"127.0.0.1:{free_port()}"]
+        sidecar += ["--http", f"127.0.0.1:{sidecar_port}", "--grpc", f"127.0.0.1:{grpc_port}"]
         procs.append(subprocess.Popen(sidecar, cwd=ROOT, env=env, stdout=out, stderr=out))
         gateway = [sys.executable, "-m", "devgateway", "--config", "apisix-conf/config.yaml"]
         gateway += ["--routes", str(tmp / "apisix.yaml"), "--listen", f"127.0.0.1:{port}"]

@@ -474,6 +474,12 @@ class Flags:
                 api.set_provider(FileFlagProvider(self._source), domain=DOMAIN)
                 log.info("flag file configured", extra={"flag_file": str(path)})
 
+    def reset(self) -> None:
+        """Forget the configuration: the next call reads DEEPGATE_FLAGS_FILE again (tests)."""
+        with self._lock:
+            self._source = None
+            self._resolved = False
+
     def _current(self) -> FlagSource | None:
         if not self._resolved:
             self.configure(os.environ.get(ENV_FILE) or None)

@@ -30,6 +30,7 @@ from pydantic import ValidationError
 
 from deepgate.config import describe_validation_error
 from deepgate.errors import DeepgateError, InternalError, PayloadTooLarge
+from deepgate.flags import FLAGS, FlagContext
 from deepgate.logs import request_scope
 from plugins.base import PluginSpec, RequestContext, ResponseContext, error_stop
 from plugins.runner import codec
@@ -286,9 +287,15 @@ class _Connection:
     async def _run_request_chain(
         self, ctx: RequestContext, conf: PreparedConf
     ) -> codec.Stop | codec.Rewrite | None:
+        flags_on = FLAGS.configured  # no flag file: no flag work at all
         for plugin in conf.plugins:
             handler = plugin.spec.on_request
             if handler is None:
+                continue
+            if flags_on and not FLAGS.enabled(
+                f"plugin.{plugin.spec.name}.enabled", await _flag_context(ctx), True
+            ):
+                log.debug("plugin %s switched off by its flag", plugin.spec.name)
                 continue
             try:
                 stop = await handler(ctx, plugin.config)
@@ -340,6 +347,21 @@ class _Connection:
                 stop = error_stop(_plugin_failure(None), "openai")
                 ctx.new_status, ctx.new_headers, ctx.new_body = stop.status, stop.headers, stop.body
                 return
+
+
+async def _flag_context(ctx: RequestContext) -> FlagContext:
+    """Who the request is for the plugin flags: consumer, groups (policy), route and model."""
+    model = ctx.facts.get("alias")
+    if model is None:
+        with contextlib.suppress(DeepgateError):  # not JSON: the plugins will say so
+            body = await ctx.json()
+            model = body.get("model") if isinstance(body, dict) else None
+    return FlagContext(
+        consumer=await ctx.var("consumer_name"),
+        groups=tuple(ctx.facts.get("groups", ())),
+        route=await ctx.var("route_id"),
+        model=model if isinstance(model, str) else None,
+    )
 
 
 async def _stopped(ctx: RequestContext, stop: codec.Stop | None) -> codec.Stop | None:

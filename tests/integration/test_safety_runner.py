@@ -140,6 +140,40 @@ async def test_banned_topics_by_embedding_similarity(
     passed(await screen(runner, conf, "What are three tips for a healthy breakfast?"))
 
 
+class CountingLink(SidecarLink):
+    """The real link, counting what it sends to Embed."""
+
+    def __init__(self, address: str) -> None:
+        super().__init__(address)
+        self.embedded: list[list[str]] = []
+
+    async def embed(
+        self, texts: list[str], timeout_s: float, model: str = "all-MiniLM-L6-v2"
+    ) -> list[list[float]]:
+        self.embedded.append(texts)
+        return await super().embed(texts, timeout_s, model)
+
+
+async def test_topic_phrases_are_embedded_once(
+    runner: str, pool: Sidecar, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    link = CountingLink(f"127.0.0.1:{pool.grpc_port}")
+    monkeypatch.setattr(safety, "LINK", link)
+    monkeypatch.setattr(safety, "TOPIC_VECTORS", safety.TopicVectors())
+    conf = {"topics": {"topics": [{"name": "gambling", "phrases": ["online casino betting"]}]}}
+    try:
+        for text in ["Tell me about tulips.", "Tell me about roses.", "And daisies?"]:
+            passed(await screen(runner, conf, text))
+    finally:
+        await link.close()
+    assert link.embedded == [
+        ["online casino betting"],
+        ["Tell me about tulips."],
+        ["Tell me about roses."],
+        ["And daisies?"],
+    ]
+
+
 async def test_pool_down_fails_open_or_closed_as_configured(
     runner: str, link_to_nowhere: SidecarLink
 ) -> None:

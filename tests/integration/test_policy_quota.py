@@ -226,3 +226,15 @@ async def test_sidecar_keeps_the_estimate_when_no_usage_came_back(redis_url: str
     await hook.on_finish(cut)
     assert value(redis_url, tokens) == 700
     await hook.close()
+
+
+async def test_the_sidecar_reconciles_only_with_a_redis_to_reach(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("DEEPGATE_REDIS_URL", raising=False)
+    assert QuotaReconciler.from_env() == []
+    monkeypatch.setenv("DEEPGATE_REDIS_URL", redis_url)
+    hooks = QuotaReconciler.from_env()
+    assert len(hooks) == 1
+    assert isinstance(hooks[0], QuotaReconciler)
+    await hooks[0].close()

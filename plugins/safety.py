@@ -387,7 +387,10 @@ async def on_request(ctx: RequestContext, conf: Config) -> Stop | None:
         if text:
             pool.append(_guarded(TOPICS, t.on_error, _topics(t, text)))
     whole_text: list[Finding] = []
-    for found in await asyncio.gather(*pool):
+    # Both answers are awaited before either error is raised: no call is left running unheard.
+    for found in await asyncio.gather(*pool, return_exceptions=True):
+        if isinstance(found, BaseException):
+            raise found
         whole_text.extend(found)
     if whole_text:
         _log_findings(ctx, [*(f for _, f in hits), *whole_text])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from plugins import auth_bridge, cache, policy, prompt_filter, router, safety
+from plugins import auth_bridge, cache, policy, prompt_filter, rag, router, safety
 from plugins.base import PluginSpec
 
 
@@ -16,5 +16,13 @@ def build_registry(specs: list[PluginSpec]) -> dict[str, PluginSpec]:
 
 
 REGISTRY = build_registry(
-    [auth_bridge.SPEC, policy.SPEC, prompt_filter.SPEC, safety.SPEC, cache.SPEC, router.SPEC]
+    [
+        auth_bridge.SPEC,
+        policy.SPEC,
+        prompt_filter.SPEC,
+        safety.SPEC,
+        cache.SPEC,
+        rag.SPEC,
+        router.SPEC,
+    ]
 )

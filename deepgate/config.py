@@ -2,13 +2,13 @@
 
 Every file deepgate reads goes through a model derived from ``StrictModel``: unknown keys are
 errors, so a typo never silently turns a feature off. Secrets are references, never inlined:
-``$env://NAME`` reads an environment variable when the value is needed (``resolve_secret``).
+``$env://NAME``, ``$file://PATH``, ``$vault://MOUNT/PATH#KEY`` or ``$sealed://TOKEN``, resolved when
+the value is needed (``resolve_secret``, i.e. ``deepgate.secrets.resolve``; docs/secrets.md).
 Errors name the file, the path inside it and what to change.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -41,18 +41,20 @@ def describe_validation_error(err: ValidationError) -> str:
 
 
 def is_secret_ref(value: str) -> bool:
-    return value.startswith(ENV_PREFIX)
+    """True for ``$env://``, ``$file://``, ``$vault://`` and ``$sealed://`` references."""
+    from deepgate.secrets import is_ref
+
+    return is_ref(value)
 
 
 def resolve_secret(value: str) -> str:
-    """The value behind a ``$env://NAME`` reference (other strings are returned as given)."""
-    if not value.startswith(ENV_PREFIX):
-        return value
-    name = value[len(ENV_PREFIX) :]
-    found = os.environ.get(name)
-    if found is None:
-        raise ConfigError(f"the environment variable {name} is not set; set it or change {value}")
-    return found
+    """The value behind a secret reference (other strings are returned as given).
+
+    Raises ``deepgate.secrets.SecretError`` (a ConfigError) naming the reference, never the value.
+    """
+    from deepgate.secrets import resolve
+
+    return resolve(value)
 
 
 def load_yaml(path: str | Path) -> Any:

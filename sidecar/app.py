@@ -43,11 +43,15 @@ def build_provider(name: str, conf: ProviderConfig, connect_s: float) -> Provide
     if conf.kind == "openai_compat":
         from sidecar.providers.openai_compat import OpenAICompatProvider
 
-        return OpenAICompatProvider(name, key, base_url, connect_timeout_s=connect_s)
+        return OpenAICompatProvider(
+            name, key, base_url, connect_timeout_s=connect_s, key_ref=conf.rotating_key()
+        )
     if conf.kind == "anthropic":
         from sidecar.providers.anthropic import AnthropicProvider
 
-        return AnthropicProvider(key, base_url, connect_timeout_s=connect_s)
+        return AnthropicProvider(
+            key, base_url, connect_timeout_s=connect_s, key_ref=conf.rotating_key()
+        )
     return None  # "local" is served by the inference pool
 
 

@@ -17,6 +17,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "rag": ("sidecar.rag_cli", "ingest files into a RAG collection, or query one"),
     "ledger": ("sidecar.ledger_writer", "write usage records from Redis to the ledger database"),
     "usage": ("sidecar.usage_report", "print usage totals per consumer, model and day"),
+    "secrets": ("sidecar.secrets_cli", "seal, open and rotate secrets (provider keys at rest)"),
 }
 
 

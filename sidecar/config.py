@@ -1,20 +1,24 @@
 """The sidecar's configuration: providers, model aliases, deadlines, retries and breakers.
 
 The shipped default is ``sidecar/default.yaml``; ``--config FILE`` replaces it. Keys are secret
-references (``$env://NAME``), never values: a provider whose key variable is unset is simply not
-available, and chains skip it (the start-up log says which). Base URLs come from the usual
-variables (``DEEPSEEK_BASE_URL``, ``OPENAI_BASE_URL``, ``ANTHROPIC_BASE_URL``) when set.
+references (``$env://NAME``, ``$file://``, ``$vault://``, ``$sealed://``; docs/secrets.md), never
+values: a provider whose key is unset is simply not available, and chains skip it (the start-up
+log says which). Keys in files, Vault or sealed are re-read after the secret TTL (rotation).
+Base URLs come from the usual variables (``DEEPSEEK_BASE_URL``, ``OPENAI_BASE_URL``,
+``ANTHROPIC_BASE_URL``) when set.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from deepgate.config import StrictModel, is_secret_ref, load_model
+from deepgate.config import ConfigError, StrictModel, is_secret_ref, load_model, resolve_secret
+from deepgate.secrets import SecretRef
 
 DEFAULT_CONFIG = Path(__file__).with_name("default.yaml")
 
@@ -36,10 +40,24 @@ class ProviderConfig(StrictModel):
         return value
 
     def resolved_key(self) -> str | None:
-        """The key, or ``None`` when its variable is unset or empty (provider unavailable)."""
+        """The key, or ``None`` when it cannot be resolved or is empty (provider unavailable)."""
         if self.api_key is None:
             return None
-        return os.environ.get(self.api_key.removeprefix("$env://")) or None
+        try:
+            return resolve_secret(self.api_key) or None
+        except ConfigError as exc:  # names the reference, never a value
+            if not self.api_key.startswith("$env://"):  # an unset variable: the caller says so
+                logging.getLogger(__name__).warning("provider key unavailable: %s", exc)
+            return None
+
+    def rotating_key(self) -> SecretRef | None:
+        """The key re-read on use (after the secret TTL), for keys in files, Vault or sealed.
+
+        ``$env://`` keys cannot change while the process runs: None, the adapter keeps its key.
+        """
+        if self.api_key is None or self.api_key.startswith("$env://"):
+            return None
+        return SecretRef(self.api_key)
 
     def resolved_base_url(self) -> str | None:
         if self.base_url_env and os.environ.get(self.base_url_env):

@@ -20,6 +20,7 @@ import anthropic
 import httpx2
 
 from deepgate.errors import DeepgateError, UpstreamError
+from deepgate.secrets import SecretRef
 from sidecar.providers.anthropic.errors import map_error
 from sidecar.providers.anthropic.request import to_messages_params
 from sidecar.providers.anthropic.response import from_message
@@ -42,7 +43,9 @@ class AnthropicProvider:
         connect_timeout_s: float = 5.0,
         http_client: httpx2.AsyncClient | None = None,
         default_max_tokens: int = 4096,
+        key_ref: SecretRef | None = None,
     ) -> None:
+        self._key_ref = key_ref  # re-read per call (cached for the secret TTL): rotation
         self._connect_timeout_s = connect_timeout_s
         self._default_max_tokens = default_max_tokens
         self._owns_http = http_client is None
@@ -55,6 +58,8 @@ class AnthropicProvider:
 
     async def complete(self, body: dict[str, Any], opts: CallOptions) -> dict[str, Any]:
         params = to_messages_params(body, opts.model, default_max_tokens=self._default_max_tokens)
+        if self._key_ref is not None:
+            self._client.api_key = await self._key_ref.get()
         try:
             msg = await self._client.messages.create(**params, timeout=self._timeout(opts))
         except anthropic.AnthropicError as exc:
@@ -66,6 +71,8 @@ class AnthropicProvider:
     ) -> AsyncIterator[dict[str, Any]]:
         params = to_messages_params(body, opts.model, default_max_tokens=self._default_max_tokens)
         translator = StreamTranslator(opts.model)
+        if self._key_ref is not None:
+            self._client.api_key = await self._key_ref.get()
         try:
             events = await self._client.messages.create(
                 **params, stream=True, timeout=self._timeout(opts)

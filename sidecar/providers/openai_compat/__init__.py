@@ -26,6 +26,7 @@ import openai
 import orjson
 
 from deepgate.errors import GatewayTimeout, InvalidRequest
+from deepgate.secrets import SecretRef
 from sidecar.providers.base import CallOptions
 from sidecar.providers.openai_compat.errors import broken, cause, map_error
 from sidecar.providers.openai_compat.request import DIALECTS, PLAIN, Dialect, to_provider_request
@@ -49,8 +50,10 @@ class OpenAICompatProvider:
         connect_timeout_s: float = 5.0,
         http_client: httpx2.AsyncClient | None = None,
         max_connections: int = 256,
+        key_ref: SecretRef | None = None,
     ) -> None:
         self.name = name
+        self._key_ref = key_ref  # re-read per call (cached for the secret TTL): rotation
         self._dialect = DIALECTS.get(name, PLAIN)
         self._connect_timeout_s = connect_timeout_s
         self._owns_http = http_client is None
@@ -69,6 +72,8 @@ class OpenAICompatProvider:
 
     async def complete(self, body: dict[str, Any], opts: CallOptions) -> dict[str, Any]:
         content = self._encode(body, opts, stream=False)
+        if self._key_ref is not None:
+            self._client.api_key = await self._key_ref.get()
         try:
             response = await self._client.post(
                 _PATH, cast_to=httpx2.Response, content=content, options=self._options(opts)
@@ -81,6 +86,8 @@ class OpenAICompatProvider:
         self, body: dict[str, Any], opts: CallOptions
     ) -> AsyncIterator[dict[str, Any]]:
         content = self._encode(body, opts, stream=True)
+        if self._key_ref is not None:
+            self._client.api_key = await self._key_ref.get()
         try:
             response = await self._client.post(
                 _PATH,

@@ -1,8 +1,9 @@
 """``make run``: the whole deepgate stack on one machine, stopped as one.
 
 Starts a Redis-compatible server on a free loopback port (quotas, the exact cache, the usage
-stream; unless ``DEEPGATE_REDIS_URL`` names one already), then the sidecar (role ``all``) where
-``apisix-conf/apisix.yaml`` expects its upstream (127.0.0.1:9180), then the APISIX stand-in on
+stream; unless ``DEEPGATE_REDIS_URL`` names one already), the usage ledger's writer
+(``deepgate ledger``), then the sidecar (role ``all``) where ``apisix-conf/apisix.yaml`` expects
+its upstream (127.0.0.1:9180), then the APISIX stand-in on
 127.0.0.1:$DEEPGATE_PORT (9080), which spawns the plugin runner from ``ext-plugin.cmd`` as APISIX
 would. It waits until both answer, prints the URL
 and the demo consumer's key (generated unless ``DEEPGATE_DEMO_KEY`` is set), and on Ctrl-C or
@@ -119,6 +120,8 @@ def main() -> None:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     try:
+        # the usage ledger's one writer (run/ledger.db): `deepgate usage` reads what it wrote
+        stack.start("ledger writer", ["-m", "sidecar.ledger_writer", "--drain-s", "10"], env)
         stack.start(
             "sidecar",
             ["-m", "sidecar", "--role", "all", "--http", SIDECAR_HTTP, "--grpc", SIDECAR_GRPC],

@@ -143,11 +143,19 @@ def build_answer_hooks(
     from sidecar.hooks.output_safety import OutputSafety
     from sidecar.hooks.quota import QuotaReconciler
     from sidecar.hooks.restore import Restore
+    from sidecar.hooks.usage import UsagePublisher
 
     # CacheWrite stores what the client got: it stays after output safety and restore.
     # Output safety sees the masked answer; Restore then puts the user's own data back.
+    # UsagePublisher is last: the ledger's record sees every other hook's outcome.
     return AnswerHooks(
-        [OutputSafety(metrics), Restore(), CacheWrite(inference), *QuotaReconciler.from_env()]
+        [
+            OutputSafety(metrics),
+            Restore(),
+            CacheWrite(inference),
+            *QuotaReconciler.from_env(),
+            *UsagePublisher.from_env(metrics=metrics),
+        ]
     )
 
 

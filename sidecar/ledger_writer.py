@@ -167,7 +167,11 @@ class LedgerWriter:
                 records.append(UsageRecord.from_json(fields[b"record"]))
             except (KeyError, ValueError, TypeError):
                 rejected.append((ident, fields))
-        new = self.db.write(records)  # committed when it returns
+        try:
+            new = self.db.write(records)  # committed when it returns
+        except LedgerError:
+            self._own_backlog = True  # not acknowledged: pending, to be read again from id 0
+            raise
         if rejected:
             pipe = self.client.pipeline(transaction=False)
             for ident, fields in rejected:

@@ -495,6 +495,11 @@ class Flags:
         source = self._current()
         return source.last_error if source is not None else None
 
+    def defines(self, key: str) -> bool:
+        """True when the flag file has ``key`` (callers skip gathering a context otherwise)."""
+        source = self._source if self._resolved else self._current()
+        return source is not None and key in source.flags()
+
     def enabled(self, key: str, ctx: FlagContext, default: bool) -> bool:
         source = self._source if self._resolved else self._current()
         if source is None:

@@ -96,3 +96,18 @@ async def test_without_a_flag_file_the_runner_asks_nothing_extra(inproc_runner: 
     resp, apisix = await run_call(inproc_runner, token, chat_body(), call(), consumer_name="bob")
     assert isinstance(resp.action, codec.Stop)
     assert apisix.asked == []  # no consumer, route or body fetched for flags
+
+
+async def test_a_flag_file_without_the_plugin_asks_nothing_extra(
+    inproc_runner: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "other.yaml"
+    path.write_text("flags:\n  plugin.some-other.enabled:\n    value: false\n")
+    FLAGS.configure(path, check_interval_s=0)
+    try:
+        token = await stop_chain(inproc_runner)
+        resp, apisix = await run_call(inproc_runner, token, chat_body(), consumer_name="bob")
+    finally:
+        FLAGS.reset()
+    assert isinstance(resp.action, codec.Stop)
+    assert apisix.asked == []

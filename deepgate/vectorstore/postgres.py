@@ -215,15 +215,15 @@ class PgVectorStore:
                 cur = await conn.execute(query, (literal, k))
                 rows = await cur.fetchall()
             else:
+                # Exact: the second sort key keeps the planner off the HNSW index (which can
+                # only order by distance alone, and filters too late); the GIN index on the
+                # metadata narrows the rows instead.
                 query = sql.SQL(
                     "SELECT id, text, metadata, embedding <=> %s::vector AS distance FROM {} "
                     "WHERE metadata @> %s::jsonb ORDER BY distance, id LIMIT %s"
                 ).format(_table(name))
-                async with conn.transaction():
-                    # exact answer: keep the planner off the HNSW index, which filters too late
-                    await conn.execute("SET LOCAL enable_indexscan = off")
-                    cur = await conn.execute(query, (literal, json.dumps(where), k))
-                    rows = await cur.fetchall()
+                cur = await conn.execute(query, (literal, json.dumps(where), k))
+                rows = await cur.fetchall()
         return [
             Hit(id=row[0], score=1.0 - float(row[3]), text=row[1], metadata=dict(row[2]))
             for row in rows

@@ -4,9 +4,9 @@ PostgreSQL with pgvector (started by pgserver for the session)."""
 from __future__ import annotations
 
 import math
-import os
 import tempfile
 import uuid
+import warnings
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,13 +27,11 @@ from deepgate.vectorstore import (
 @pytest.fixture(scope="session")
 def pg_dsn() -> Iterator[str]:
     """A real PostgreSQL 16 with pgvector (pgserver runs it as user 'pgserver' when we are root)."""
-    runtime = tempfile.mkdtemp(prefix="dg-pgrt-")
-    os.chmod(runtime, 0o700)
-    os.environ.setdefault("XDG_RUNTIME_DIR", runtime)  # pgserver's lock file lives there
-    import pgserver
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # platformdirs: XDG_RUNTIME_DIR unset on CI machines
+        import pgserver
 
-    data = tempfile.mkdtemp(prefix="dg-pg-")
-    server = pgserver.get_server(data, cleanup_mode="delete")
+        server = pgserver.get_server(tempfile.mkdtemp(prefix="dg-pg-"), cleanup_mode="delete")
     try:
         yield server.get_uri()
     finally:
@@ -136,7 +134,7 @@ async def test_filtered_query_returns_k_even_when_the_filter_is_selective(
 ) -> None:
     # many near neighbours outside the filter must not crowd out the few inside it
     await store.ensure_collection(name, 4)
-    items = [item(f"n{i}", unit(1, 0.001 * i, 0, 0), group="noise") for i in range(300)]
+    items = [item(f"n{i}", unit(1, 0.001 * i, 0, 0), group="noise") for i in range(2000)]
     items += [item(f"w{i}", unit(0, 1, 0.01 * i, 0), group="wanted") for i in range(3)]
     await store.upsert(name, items)
     hits = await store.query(name, unit(1, 0, 0, 0), k=3, where={"group": "wanted"})
@@ -191,3 +189,22 @@ async def test_concurrent_calls_share_the_store(store: VectorStore, name: str) -
     results = await asyncio.gather(*(store.query(name, unit(1, 0), k=1) for _ in range(20)))
     assert all(r[0].id == "i0" for r in results)
     assert await store.count(name) == 50
+
+
+async def test_postgres_filter_is_exact_where_hnsw_would_miss(pg_dsn: str, name: str) -> None:
+    # Half the rows match the filter, so the planner would walk the HNSW index, but every row
+    # near the query is filtered out: HNSW's candidate list (ef_search 40) would end up empty.
+    import psycopg
+
+    store = open_store(pg_dsn)
+    try:
+        await store.ensure_collection(name, 3)
+        near = [item(f"n{i}", unit(1, 0.0001 * i, 0), group="near") for i in range(1000)]
+        far = [item(f"f{i}", unit(-1, 0.0001 * i, 0.01), group="far") for i in range(1000)]
+        await store.upsert(name, near + far)
+        async with await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True) as conn:
+            await conn.execute(f"ANALYZE dg_vec_{name}")
+        hits = await store.query(name, unit(1, 0, 0), k=3, where={"group": "far"})
+        assert [h.id for h in hits] == ["f999", "f998", "f997"]
+    finally:
+        await store.close()

@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 REDIS_ENV = "DEEPGATE_REDIS_URL"
 MAXLEN_ENV = "DEEPGATE_USAGE_STREAM_MAXLEN"
 DEFAULT_MAXLEN = 100_000
-"""Records the stream keeps (approximately: Redis trims whole nodes). About 60 MB of Redis."""
+"""Records the stream keeps (approximately: Redis trims whole nodes): about 41 MB of Redis."""
 
 
 class UsageMetrics:
@@ -77,7 +77,7 @@ class UsagePublisher(AnswerHook):
         metrics: Metrics | None = None,
         maxlen: int = DEFAULT_MAXLEN,
         queue_size: int = 10_000,
-        batch_size: int = 200,
+        batch_size: int = 500,
         drain_s: float = 5.0,
     ) -> None:
         self.client = client
@@ -100,7 +100,12 @@ class UsagePublisher(AnswerHook):
         if not url:
             log.warning("usage records are not published (no ledger): %s is not set", REDIS_ENV)
             return []
-        maxlen = int(os.environ.get(MAXLEN_ENV) or DEFAULT_MAXLEN)
+        raw = os.environ.get(MAXLEN_ENV) or str(DEFAULT_MAXLEN)
+        if not raw.isdigit() or int(raw) < 1:
+            raise ValueError(
+                f"{MAXLEN_ENV}={raw!r}: give the number of records to keep, e.g. 100000"
+            )
+        maxlen = int(raw)
         client = aioredis.Redis.from_url(url, socket_timeout=5.0, socket_connect_timeout=2.0)
         log.info("usage records go to the Redis stream %s (about %d kept)", STREAM, maxlen)
         return [cls(client, catalog or load_catalog(), metrics=metrics, maxlen=maxlen)]

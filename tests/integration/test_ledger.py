@@ -9,6 +9,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 import warnings
@@ -35,14 +36,20 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    """A real PostgreSQL (pgserver's binaries) in a temp dir. As root, pgserver runs the server
-    as a system user of its own (``pgserver``), which it creates, on a unix socket."""
+def postgres() -> Iterator[Any]:
+    """A real PostgreSQL (pgserver's binaries) in a temp dir of its own.
+
+    As root, pgserver runs the server as a system user it creates (``pgserver``), on a unix
+    socket, and opens the directories above the data dir to it. The data dir is not under
+    pytest's basetemp: concurrent pytest sessions prune each other's old basetemps.
+    """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # platformdirs: XDG_RUNTIME_DIR unset on CI machines
         import pgserver
 
-        server = pgserver.get_server(tmp_path_factory.mktemp("pg"), cleanup_mode="delete")
+        server = pgserver.get_server(
+            tempfile.mkdtemp(prefix="deepgate-ledger-pg-"), cleanup_mode="delete"
+        )
     yield server
     server.cleanup()
 

@@ -118,3 +118,10 @@ def test_without_redis_the_hook_is_off_and_says_so(
     caplog.set_level(logging.INFO, "sidecar.hooks.usage")
     assert UsagePublisher.from_env() == []
     assert caplog.text.count("usage records are not published") == 1
+
+
+def test_a_bad_stream_length_is_refused_at_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DEEPGATE_REDIS_URL", "redis://127.0.0.1:1/0")
+    monkeypatch.setenv("DEEPGATE_USAGE_STREAM_MAXLEN", "lots")
+    with pytest.raises(ValueError, match="number of records to keep"):
+        UsagePublisher.from_env()

@@ -205,6 +205,8 @@ class OutputSafety(AnswerHook):
         def record(finding: Finding, action: Action) -> None:
             if self.metrics is not None:
                 self.metrics.output_finding(finding.detector, action)
+            # Names only (the request id comes from the log context): never the text.
+            log.info("output safety finding %s:%s (%s)", finding.detector, finding.label, action)
             mark = f"output:{finding.detector}"
             fired = ex.facts.get("findings", [])
             if mark not in fired:
@@ -227,7 +229,6 @@ class OutputSafety(AnswerHook):
             for f in findings:
                 if dets.actions.get(f.detector, "block") == "block":
                     sink(f, "block")
-                    log.info("output safety blocked an answer: %s:%s", f.detector, f.label)
                     raise refusal(f)
         for (holder, key, text), findings in zip(slots, scanned, strict=True):
             for f in findings:
@@ -266,9 +267,6 @@ class OutputSafety(AnswerHook):
                 yield tail
         except Blocked as exc:
             sink(exc.finding, "block")
-            log.info(
-                "output safety stopped a stream: %s:%s", exc.finding.detector, exc.finding.label
-            )
             raise refusal(exc.finding) from None
 
 

@@ -7,6 +7,7 @@ stream is a list of canonical chunks, as a provider adapter yields them.
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -209,7 +210,10 @@ def answer(content: str, arguments: str | None = None) -> dict[str, Any]:
     return {"id": "a", "object": "chat.completion", "choices": [{"index": 0, "message": message}]}
 
 
-async def test_whole_answer_redacts_content_and_tool_arguments() -> None:
+async def test_whole_answer_redacts_content_and_tool_arguments(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="sidecar.hooks.output_safety")
     metrics = Metrics()
     ex = exchange(REDACT)
     got = await OutputSafety(metrics).on_answer(
@@ -222,6 +226,8 @@ async def test_whole_answer_redacts_content_and_tool_arguments() -> None:
         "deepgate_output_safety_findings_total", {"detector": "secrets", "action": "redact"}
     )
     assert value == 2.0
+    assert "secrets:aws_key (redact)" in caplog.text  # what fired, never what it was
+    assert AWS not in caplog.text
 
 
 async def test_whole_answer_block_names_the_detector_not_the_text() -> None:

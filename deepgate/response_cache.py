@@ -34,7 +34,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from deepgate.chat import Dialect
-from deepgate.config import resolve_secret
+from deepgate.secrets import SecretRef
 
 if TYPE_CHECKING:  # the vector store loads only where the semantic layer is configured
     from deepgate.vectorstore import VectorStore
@@ -388,11 +388,19 @@ _collections: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, set[tuple[str
 )
 
 
-def store_dsn(ref: str | None) -> str:
+async def resolve(ref: str) -> str:
+    """The value behind a config reference (``$env://``, ``$file://``, ``$vault://``, ...).
+
+    Answered from the secrets cache on the request path; a file or Vault read goes to a thread.
+    """
+    return await SecretRef(ref).get()
+
+
+async def store_dsn(ref: str | None) -> str:
     """The DSN a config's ``store`` names (a reference is resolved); the default store if none."""
     from deepgate.vectorstore import default_dsn
 
-    return default_dsn() if ref is None else resolve_secret(ref)
+    return default_dsn() if ref is None else await resolve(ref)
 
 
 def vector_store(dsn: str) -> VectorStore:

@@ -33,8 +33,9 @@ from redis.exceptions import RedisError
 
 from deepgate import response_cache as rc
 from deepgate.chat import check_chat_body
-from deepgate.config import ConfigError, StrictModel, resolve_secret
+from deepgate.config import ConfigError, StrictModel
 from deepgate.errors import DeepgateError, ServiceUnavailable
+from deepgate.secrets import is_ref
 from plugins.base import PluginConfig, PluginSpec, RequestContext
 from plugins.runner.codec import Entries, Method, Stop
 from plugins.sidecar_link import LINK
@@ -44,17 +45,16 @@ from sidecar.faces import openai as openai_face
 NAME = "deepgate-cache"
 log = logging.getLogger(__name__)
 
-_REFERENCE_PREFIXES = ("$env://", "$file://", "$vault://")
 _REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 _NO_CACHE = ("no-cache", "no-store")
 
 
 def _check_reference(value: str, schemes: tuple[str, ...], what: str) -> str:
-    if value.startswith(_REFERENCE_PREFIXES) or value.startswith(schemes):
+    if is_ref(value) or value.startswith(schemes):
         return value
     raise ValueError(
-        f"{what} must be a reference ($env://NAME, $file://PATH or $vault://PATH#KEY) or a URL "
-        f"starting with {' or '.join(schemes)}"
+        f"{what} must be a reference ($env://NAME, $file://PATH, $vault://PATH#KEY, "
+        f"$sealed://...) or a URL starting with {' or '.join(schemes)}"
     )
 
 
@@ -158,9 +158,8 @@ def _mark(ctx: RequestContext, status: rc.Status) -> None:
 
 
 async def _get(conf: Config, key: str) -> bytes | None:
-    return await rc.redis_client(resolve_secret(conf.redis_url), conf.redis_timeout_ms / 1000).get(
-        key
-    )
+    url = await rc.resolve(conf.redis_url)
+    return await rc.redis_client(url, conf.redis_timeout_ms / 1000).get(key)
 
 
 async def on_request(ctx: RequestContext, conf: Config) -> Stop | None:
@@ -222,7 +221,7 @@ async def _semantic(
     timeout_s = sem.timeout_ms / 1000
     try:
         vector = (await LINK.embed([text], timeout_s, model=sem.embedding_model))[0]
-        store = rc.vector_store(rc.store_dsn(sem.store))
+        store = rc.vector_store(await rc.store_dsn(sem.store))
         await rc.ensure_collection(store, sem.collection, len(vector))
         hits = await asyncio.wait_for(
             store.query(sem.collection, vector, 1, {"partition": partition}), timeout_s

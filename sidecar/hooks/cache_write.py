@@ -26,7 +26,7 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from deepgate import response_cache as rc
-from deepgate.config import ConfigError, resolve_secret
+from deepgate.config import ConfigError
 from deepgate.errors import DeepgateError
 from sidecar.answer_hooks import AnswerHook, Exchange
 from sidecar.inference import Inference
@@ -62,7 +62,7 @@ class CacheWrite(AnswerHook):
             return
         plan: dict[str, Any] = dict(ex.facts.get("cache", {}))
         try:
-            client = rc.redis_client(resolve_secret(str(plan["redis"])), WRITE_TIMEOUT_S)
+            client = rc.redis_client(await rc.resolve(str(plan["redis"])), WRITE_TIMEOUT_S)
             entry = rc.encode_entry(ex.answer, ex.target)
             await client.set(str(plan["key"]), entry, int(plan["ttl"]))
         except (RedisError, OSError, TimeoutError, ConfigError, KeyError) as exc:
@@ -87,7 +87,7 @@ class CacheWrite(AnswerHook):
             embedded = await self.inference.embed(
                 str(semantic["embedding_model"]), [text], loop.time() + INDEX_TIMEOUT_S
             )
-            store = rc.vector_store(rc.store_dsn(semantic.get("store")))
+            store = rc.vector_store(await rc.store_dsn(semantic.get("store")))
             vector = embedded.vectors[0]
             await rc.ensure_collection(store, str(semantic["collection"]), len(vector))
             item = Item(

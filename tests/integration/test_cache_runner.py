@@ -265,3 +265,15 @@ async def test_unreadable_entry_is_a_miss(runner: str, redis_url: str) -> None:
 async def test_bad_config_is_refused_at_prepare(runner: str, conf: dict[str, Any]) -> None:
     with pytest.raises(RunnerError, match="BAD_REQUEST"):
         await prepare(runner, [("deepgate-cache", conf)])
+
+
+async def test_redis_url_may_be_a_file_reference(
+    runner: str, redis_url: str, tmp_path: Path
+) -> None:
+    secret = tmp_path / "redis-url"
+    secret.write_text(redis_url + "\n")
+    r = await route(runner, f"$file://{secret}")
+    plan = plan_of(await r.call(chat()))
+    assert plan["redis"] == f"$file://{secret}"  # the reference travels, never the URL
+    store(redis_url, plan["key"])
+    assert status_of(await r.call(chat())) == "hit-exact"

@@ -170,13 +170,13 @@ class _SqlLedger:
             f"INSERT INTO {TABLE} ({', '.join(COLUMNS)}) VALUES ({marks}) "  # noqa: S608 - constants
             "ON CONFLICT (request_id) DO NOTHING"
         )
-        written = 0
         with _errors(self.dsn, "write usage records"):
             try:
                 cur = conn.cursor()
-                for record in records:
-                    cur.execute(insert, row(record))
-                    written += max(cur.rowcount, 0)
+                # both drivers sum the rowcounts of executemany (0 for a request id already there);
+                # psycopg pipelines the statements, one round trip per batch
+                cur.executemany(insert, [row(record) for record in records])
+                written = int(max(cur.rowcount, 0))
                 conn.commit()
             except BaseException:
                 conn.rollback()

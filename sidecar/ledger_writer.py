@@ -105,9 +105,18 @@ class LedgerWriter:
             except (RedisError, OSError, LedgerError) as exc:
                 self.stats.errors += 1
                 self._own_backlog = True  # what was read and not acked is pending: read it again
+                if "NOGROUP" in str(exc):  # the stream was deleted (and its group with it)
+                    self._claim_from = "0-0"
+                    self._recreate_group()
                 log.warning("the ledger writer will retry in %.1f s: %s", pause, exc)
                 self._nap(pause)
                 pause = min(pause * 2, 10.0)
+
+    def _recreate_group(self) -> None:
+        try:
+            self.ensure_group()
+        except (RedisError, OSError) as exc:
+            log.warning("could not create the consumer group again: %s", exc)
 
     def _nap(self, seconds: float) -> None:
         """Sleep, but wake for SIGTERM within a tenth of a second."""

@@ -252,3 +252,16 @@ def test_a_database_failure_acknowledges_nothing(rds: redis.Redis, tmp_path: Pat
     assert sorted(db.request_ids()) == ["x1", "x2"]
     assert pending(rds) == 0
     db.close()
+
+
+def test_a_deleted_stream_is_followed_again(rds: redis.Redis, dsn: str) -> None:
+    publish(rds, ["before"])
+    db = ledger(dsn)
+    writer = LedgerWriter(rds, db, consumer="w1")
+    writer.run(until_idle=True)
+    rds.delete(STREAM)  # an operator cleared Redis: the consumer group went with the stream
+    publish(rds, ["after"])
+    writer.run(until_idle=True)
+    assert sorted(db.request_ids()) == ["after", "before"]
+    assert pending(rds) == 0
+    db.close()

@@ -4,6 +4,8 @@ ledger, and `deepgate usage` prints them."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -93,3 +95,17 @@ def test_answered_requests_are_in_the_ledger(ledger_stack: Stack, data_dir: Path
     table = usage(data_dir)
     assert "demo" in table.stdout
     assert "deepseek:deepseek-chat" in table.stdout
+
+
+def test_a_request_answered_just_before_ctrl_c_is_in_the_ledger(
+    ledger_stack: Stack, data_dir: Path
+) -> None:
+    ask = [{"role": "user", "content": f"Last words {uuid.uuid4()}"}]
+    with openai.OpenAI(base_url=f"{ledger_stack.base}/v1", api_key=KEY, max_retries=0) as oa:
+        raw = oa.chat.completions.with_raw_response.create(model="deepseek-chat", messages=ask)  # type: ignore[arg-type]
+    rid = raw.headers["x-request-id"]
+    os.killpg(ledger_stack.proc.pid, signal.SIGINT)  # Ctrl-C in the terminal of `make run`
+    assert ledger_stack.proc.wait(30) == 0
+    db = open_ledger(f"sqlite://{data_dir / 'ledger.db'}")
+    assert rid in db.request_ids()
+    db.close()

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from deepgate.errors import ContentPolicyViolation
+from deepgate.errors import ContentPolicyViolation, InternalError
 from deepgate.request_facts import Facts
 from deepgate.safety import Finding, build_detectors
 from sidecar.answer_hooks import AnswerHooks, Exchange
@@ -271,3 +271,13 @@ async def test_personal_data_redacted_in_a_stream() -> None:
     )
     assert "jane.doe" not in out
     assert out.startswith("Write to [REDACTED:EMAIL_ADDRESS] for details.")
+
+
+async def test_detectors_are_built_once_per_config_and_a_bad_config_withholds_the_answer() -> None:
+    hook = OutputSafety()
+    first = await hook.detectors_for(exchange(REDACT))
+    again = await hook.detectors_for(exchange({"secrets": {"action": "redact"}}))
+    assert first is again
+    with pytest.raises(InternalError) as info:
+        await hook.on_answer(exchange({"secrets": {"action": "explode"}}), answer("hi"))
+    assert "misconfigured" in info.value.message

@@ -123,15 +123,7 @@ class ScanWindow:
             Finding(f.detector, f.label, max(f.start - offset, 0), f.end - offset, f.score)
             for f in findings
         ]
-        cut = len(self.buf) if final else len(self.buf) - self.hold
-        if not final:
-            for f in sorted(spans, key=lambda s: s.start):
-                if f.start >= cut:
-                    break
-                if f.end >= len(self.buf) and len(self.buf) < self.max_buffer:
-                    cut = min(cut, f.start)  # still open: it may go on in the next piece
-                else:
-                    cut = max(cut, f.end)
+        cut = len(self.buf) if final else self._cut(spans)
         if cut <= 0:
             return ""
         released = [f for f in spans if f.start < cut]
@@ -143,6 +135,25 @@ class ScanWindow:
         self.context = (self.context + self.buf[:cut])[-self.hold :]
         self.buf = self.buf[cut:]
         return out
+
+    def _cut(self, spans: list[Finding]) -> int:
+        """How much of the buffer may go out now (see the class docstring)."""
+        cut = len(self.buf) - self.hold
+
+        def still_open(f: Finding) -> bool:  # it may go on in the next piece
+            return f.end >= len(self.buf) and len(self.buf) < self.max_buffer
+
+        for f in sorted(spans, key=lambda s: s.start):  # complete findings go out whole
+            if f.start >= cut:
+                break
+            if not still_open(f):
+                cut = max(cut, f.end)
+        held = [f.start for f in spans if still_open(f) and f.start < cut]
+        if held:  # an open finding holds everything from its start, and whatever overlaps it
+            cut = min(held)
+            while crossing := [f.start for f in spans if f.start < cut < f.end]:
+                cut = min(crossing)
+        return cut
 
 
 def _clip(f: Finding, end: int) -> Finding:

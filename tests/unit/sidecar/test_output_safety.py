@@ -281,3 +281,25 @@ async def test_detectors_are_built_once_per_config_and_a_bad_config_withholds_th
     with pytest.raises(InternalError) as info:
         await hook.on_answer(exchange({"secrets": {"action": "explode"}}), answer("hi"))
     assert "misconfigured" in info.value.message
+
+
+async def test_a_finding_overlapping_an_open_one_is_held_whole() -> None:
+    # "KEY-…" is complete, "…-TAIL…" reaches the end of what has arrived: neither may be cut.
+    async def scan(text: str) -> list[Finding]:
+        out = []
+        k = text.find("KEY-1234")
+        if k >= 0:
+            out.append(Finding("secrets", "key", k, k + 8, 1.0))
+        t = text.find("1234-TAIL")
+        if t >= 0:
+            end = text.find(".", t)
+            out.append(Finding("secrets", "tail", t, len(text) if end < 0 else end, 1.0))
+        return out
+
+    window = ScanWindow(scan, {"secrets": "redact"}, hold=10, step=2)
+    first = await window.feed("x" * 30 + "KEY-1234-TAIL" + "y" * 5)
+    assert first == "x" * 30  # both held: the open one overlaps the complete one
+    rest = await window.feed("z. and the answer goes on for a while.") + await window.flush()
+    assert "KEY-" not in first + rest
+    assert "TAIL" not in first + rest
+    assert (first + rest).startswith("x" * 30 + "[REDACTED:KEY]. and")

@@ -205,6 +205,23 @@ async def test_redact_in_a_stream_and_the_assembled_answer(stack: Stack) -> None
     assert counted(stack, "secrets", "redact") == 1.0
 
 
+async def test_redact_in_an_anthropic_stream(stack: Stack) -> None:
+    stack.deepseek.behave(reply=secret_stream())
+    facts = Facts(safety_output={"secrets": {"action": "redact"}})
+    client = anthropic.AsyncAnthropic(base_url=stack.url, api_key="unused", max_retries=0)
+    seen: list[str] = []
+    async with client:
+        stream = await client.messages.create(
+            model="deepseek-chat",
+            max_tokens=100,
+            messages=[{"role": "user", "content": "hi"}],
+            stream=True,
+            extra_headers=headers("rq-ar", facts),
+        )
+        await read_anthropic(stream, seen)
+    assert "".join(seen) == LEAD + "[REDACTED:AWS_KEY]" + TAIL
+
+
 async def test_whole_answer_block_is_a_400_in_the_route_shape(stack: Stack) -> None:
     stack.deepseek.behave(reply=completion(f"Sure: {AWS}."))
     facts = Facts(safety_output={"secrets": {"action": "block"}})

@@ -66,7 +66,12 @@ def build_detectors(config: DetectorsConfig | Mapping[str, Any]) -> list[Detecto
         out.append(SecretsDetector.build(tuple(s.kinds), s.action, s.scope()))
     if conf.personal_data is not None:
         p = conf.personal_data
-        out.append(PersonalDataDetector.build(tuple(p.entities), p.threshold, p.action, p.scope()))
+        regions = tuple(p.phone_regions) if p.phone_regions else None
+        out.append(
+            PersonalDataDetector.build(
+                tuple(p.entities), p.threshold, p.action, p.scope(), phone_regions=regions
+            )
+        )
     if conf.obfuscation is not None:
         o = conf.obfuscation
         out.append(

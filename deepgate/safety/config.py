@@ -7,9 +7,9 @@ and the sidecar rebuilds the detectors with ``build_detectors``. A detector that
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, StringConstraints, field_validator, model_validator
 
 from deepgate.config import StrictModel
 from deepgate.safety import credentials, personal_data
@@ -96,6 +96,10 @@ class PersonalDataConfig(DetectorConfig):
     action: Action = "redact"
     threshold: float = Field(default=0.4, ge=0.0, le=1.0)
     entities: list[PersonalEntity] = Field(default=list(DEFAULT_ENTITIES), min_length=1)
+    # ISO 3166 codes whose national phone formats count; absent: Presidio's eight
+    phone_regions: list[Annotated[str, StringConstraints(pattern=r"^[A-Z]{2}$")]] | None = Field(
+        default=None, min_length=1
+    )
 
 
 SecretKind = Literal[

@@ -199,6 +199,20 @@ def test_personal_data_threshold_drops_weak_matches() -> None:
     assert d.scan("call +1 415 555 2671 tomorrow") == []  # Presidio scores bare numbers 0.4
 
 
+def test_phone_regions_choose_the_national_formats() -> None:
+    (everywhere,) = build_detectors({"personal_data": {"entities": ["PHONE_NUMBER"]}})
+    (us_only,) = build_detectors(
+        {"personal_data": {"entities": ["PHONE_NUMBER"], "phone_regions": ["US"]}}
+    )
+    german = "ruf an: 030 12345678"
+    assert labels(everywhere, german) == {"phone_number"}
+    assert us_only.scan(german) == []
+    # international numbers carry their country: every region set finds them
+    assert labels(us_only, "call +49 30 12345678 now") == {"phone_number"}
+    with pytest.raises(ValidationError):
+        DetectorsConfig.model_validate({"personal_data": {"phone_regions": ["usa"]}})
+
+
 def test_named_entities_with_the_small_spacy_model() -> None:
     import spacy.util
 

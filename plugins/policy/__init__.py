@@ -22,6 +22,7 @@ uncounted.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -112,9 +113,14 @@ async def _identify(ctx: RequestContext, conf: Config) -> Identity:
     return identity
 
 
+def _note_route(ctx: RequestContext, identity: Identity, route: str | None) -> None:
+    if route:
+        ctx.facts["route"] = route
+    access.check_route(identity, route)
+
+
 async def on_request(ctx: RequestContext, conf: Config) -> Stop | None:
     identity = await _identify(ctx, conf)
-    route = await ctx.var("route_id")
     facts = ctx.facts
     if identity.consumer:
         facts["consumer"] = identity.consumer
@@ -122,11 +128,9 @@ async def on_request(ctx: RequestContext, conf: Config) -> Stop | None:
         facts["groups"] = list(identity.groups)
     if identity.labels:
         facts["labels"] = dict(identity.labels)
-    if route:
-        facts["route"] = route
-    access.check_route(identity, route)
     access.compliance_facts(identity, facts)
     if ctx.call.method in (Method.GET, Method.HEAD, Method.DELETE, Method.OPTIONS):
+        _note_route(ctx, identity, await ctx.var("route_id"))
         return None  # no model, no tokens (e.g. GET /v1/models)
 
     body = await ctx.json()
@@ -148,6 +152,7 @@ async def on_request(ctx: RequestContext, conf: Config) -> Stop | None:
 
     found = quotas.budgets(identity, alias, conf)
     if not found:
+        _note_route(ctx, identity, await ctx.var("route_id"))
         return None
     est = quotas.estimate(body, ctx.dialect, conf, counted, quotas.needs_spend(found))
     if "messages" in body:
@@ -155,10 +160,14 @@ async def on_request(ctx: RequestContext, conf: Config) -> Stop | None:
     now = time.time()
     counters = quotas.counters(found, est, now)
     reservation = new_reservation_id()
+    # The route is asked of APISIX while Redis works on the reservation: the two round trips
+    # overlap. A route the consumer may not use hands its reservation straight back.
+    asked = asyncio.ensure_future(ctx.var("route_id"))
     try:
         store = store_for(conf)
         outcome = await store.reserve(reservation, counters, conf.reservation_ttl_s)
     except QuotaStoreUnavailable as exc:
+        _note_route(ctx, identity, await asked)
         _warn_unreachable(str(exc), conf)
         if conf.store_unreachable == "open":
             return None
@@ -169,17 +178,22 @@ async def on_request(ctx: RequestContext, conf: Config) -> Stop | None:
             code="quota_store_unavailable",
             retry_after=1,
         ) from None
+    except BaseException:
+        await asyncio.gather(asked, return_exceptions=True)  # the connection's next frame is ours
+        raise
+    if outcome.granted:
 
+        async def release() -> None:
+            await store.release(reservation)
+
+        # Runs when this request ends here or later in the chain (a denial below included).
+        ctx.on_stop.append(release)
+    _note_route(ctx, identity, await asked)
     for name, value in quotas.rate_headers(counters, outcome.values, now):
         ctx.add_response_header(name, value)
     if outcome.refused is not None:
         i = outcome.refused
         raise quotas.refusal(counters[i], outcome.values[i], est, now)
-
-    async def release() -> None:
-        await store.release(reservation)
-
-    ctx.on_stop.append(release)
     facts["reservation"] = {
         "id": reservation,
         "store": conf.store,

@@ -27,7 +27,7 @@ import logging
 import time
 
 from deepgate.chat import check_chat_body
-from deepgate.config import ConfigError, resolve_secret
+from deepgate.config import ConfigError
 from deepgate.errors import (
     AuthenticationFailed,
     InvalidRequest,
@@ -41,6 +41,7 @@ from deepgate.quota import (
     RedisQuotaStore,
     new_reservation_id,
 )
+from deepgate.secrets import resolve
 from plugins.base import PluginSpec, RequestContext
 from plugins.policy import access, quotas
 from plugins.policy.config import Config, Identity
@@ -55,22 +56,26 @@ _WARN_EVERY_S = 30.0
 _last_warning = 0.0
 
 
-def store_for(conf: Config) -> QuotaStore:
-    """The process's store for this config (created on first use, then shared)."""
+async def store_for(conf: Config) -> QuotaStore:
+    """The process's store for this config (created on first use, then shared).
+
+    ``redis_url`` may be a secret reference (``$env://``, ``$file://``, ``$vault://``): it is
+    resolved once, off the event loop, when the store is created.
+    """
     if conf.store == "memory":
         key: tuple[str, ...] = ("memory",)
         found = _STORES.get(key)
         if found is None:
             found = _STORES[key] = MemoryQuotaStore()
         return found
-    try:
-        url = resolve_secret(conf.redis_url)
-    except ConfigError as exc:
-        raise QuotaStoreUnavailable(f"redis_url: {exc}") from None
-    key = ("redis", url, str(conf.redis_timeout_ms))
+    key = ("redis", conf.redis_url, str(conf.redis_timeout_ms))
     found = _STORES.get(key)
     if found is None:
-        found = _STORES[key] = RedisQuotaStore(url, conf.redis_timeout_ms / 1000)
+        try:
+            url = await asyncio.to_thread(resolve, conf.redis_url)
+        except ConfigError as exc:  # the message names the reference, never a secret value
+            raise QuotaStoreUnavailable(f"redis_url: {exc}") from None
+        found = _STORES.setdefault(key, RedisQuotaStore(url, conf.redis_timeout_ms / 1000))
     return found
 
 
@@ -164,7 +169,7 @@ async def on_request(ctx: RequestContext, conf: Config) -> Stop | None:
     # overlap. A route the consumer may not use hands its reservation straight back.
     asked = asyncio.ensure_future(ctx.var("route_id"))
     try:
-        store = store_for(conf)
+        store = await store_for(conf)
         outcome = await store.reserve(reservation, counters, conf.reservation_ttl_s)
     except QuotaStoreUnavailable as exc:
         _note_route(ctx, identity, await asked)

@@ -270,3 +270,15 @@ async def test_a_route_denied_after_the_reservation_hands_it_back(
     tokens = counters(redis_url, "tokens")
     assert tokens  # reserved while the route was being asked...
     assert sum(tokens.values()) == 0  # ...and handed back with the denial
+
+
+async def test_an_unset_redis_reference_is_an_unreachable_store(
+    runner: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("DEEPGATE_POLICY_TEST_REDIS", raising=False)
+    ref = "$env://DEEPGATE_POLICY_TEST_REDIS"
+    status, err, _ = stop_json(await send(runner, [("deepgate-policy", conf(ref))], chat_body()))
+    assert status == 503
+    assert err["error"]["code"] == "quota_store_unavailable"
+    opened = [("deepgate-policy", conf(ref, store_unreachable="open"))]
+    assert isinstance((await send(runner, opened, chat_body())).action, codec.Rewrite)

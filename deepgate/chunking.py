@@ -10,7 +10,8 @@ Markdown is cut at its headings first: a chunk never spans two sections, and eac
 heading path ("Install > Linux") so a citation can say where it came from. Inside a section,
 paragraphs are packed together up to the size; a paragraph too long for one chunk is cut at
 sentence ends, and a sentence too long at word boundaries. Fenced code blocks are kept whole
-where they fit, and a ``#`` line inside one is not a heading. Consecutive chunks of a section
+where they fit and otherwise cut between lines (line breaks and indentation kept); a ``#`` line
+inside one is not a heading. Consecutive chunks of a section
 share their last/first ``overlap`` tokens (whole sentences or paragraphs), so a fact that
 straddles a cut is still found.
 """
@@ -115,16 +116,22 @@ def _units(body: str, max_tokens: int, count: Callable[[str], int]) -> list[_Uni
             units.append(_Unit(paragraph, "\n\n"))
             continue
         joiner = "\n\n"
+        if _FENCE.match(paragraph):
+            # code: cut between lines, keeping each line's indentation and line breaks
+            for line in paragraph.splitlines():
+                for i, piece in enumerate(_fit(line, max_tokens, count)):
+                    units.append(_Unit(piece, joiner if i == 0 else " "))
+                joiner = "\n"
+            continue
         for sentence in _SENTENCE_END.split(paragraph):
-            pieces = (
-                [sentence]
-                if count(sentence) <= max_tokens
-                else _split_words(sentence, max_tokens, count)
-            )
-            for piece in pieces:
+            for piece in _fit(sentence, max_tokens, count):
                 units.append(_Unit(piece, joiner))
                 joiner = " "
     return units
+
+
+def _fit(text: str, max_tokens: int, count: Callable[[str], int]) -> list[str]:
+    return [text] if count(text) <= max_tokens else _split_words(text, max_tokens, count)
 
 
 def _join(units: list[_Unit]) -> str:
@@ -150,7 +157,7 @@ def chunk_text(
     chunks: list[Chunk] = []
 
     def emit(heading: str, units: list[_Unit]) -> None:
-        body = _join(units)
+        body = _join(units).strip("\n")  # code cut between lines may leave blank edges
         chunks.append(Chunk(len(chunks), body, heading, count(body)))
 
     for heading, body in _sections(text, markdown):

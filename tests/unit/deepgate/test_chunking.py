@@ -101,3 +101,14 @@ def test_markdown_is_known_by_its_extension() -> None:
     assert is_markdown("docs/A.MD")
     assert is_markdown("x.markdown")
     assert not is_markdown("notes.txt")
+
+
+def test_a_long_code_block_is_cut_between_lines() -> None:
+    lines = [f"    run_step --number {i} --verbose" for i in range(80)]
+    text = "# Script\n\n```sh\n" + "\n".join(lines) + "\n```\n"
+    chunks = chunk_text(text, markdown=True, max_tokens=60, overlap_tokens=0)
+    assert len(chunks) > 3
+    assert all(c.tokens <= 60 for c in chunks)
+    assert chunks[0].text.startswith("```sh\n    run_step --number 0 --verbose\n    run_step")
+    kept = [line for c in chunks for line in c.text.splitlines() if "run_step" in line]
+    assert kept == lines  # every line whole, indented, in order

@@ -228,12 +228,34 @@ async def _semantic(
         )
         if not hits or hits[0].score < sem.threshold:
             return None
-        raw = await _get(conf, str(hits[0].metadata.get("key", "")))
+        key = str(hits[0].metadata.get("key", ""))
+        raw = await _get(conf, key)
     except (DeepgateError, VectorStoreError, RedisError, OSError, TimeoutError, ConfigError) as exc:
         _unavailable(ctx, conf, "searched semantically", exc, mark=False)
         return None
-    # None when the entry expired since it was indexed (or was never written): a miss.
-    return rc.decode_entry(raw)
+    entry = rc.decode_entry(raw)
+    if entry is None:
+        # The entry expired since it was indexed (or was never written): a miss, and its
+        # question leaves the index so that it no longer hides a live neighbour.
+        _forget(store, sem.collection, key)
+    return entry
+
+
+_forgetting: set[asyncio.Task[None]] = set()
+
+
+def _forget(store: Any, collection: str, key: str) -> None:
+    async def forget() -> None:
+        from deepgate.vectorstore import VectorStoreError
+
+        try:
+            await store.delete(collection, {"key": key})
+        except (VectorStoreError, OSError) as exc:
+            log.warning("a stale semantic cache entry was not removed: %s", type(exc).__name__)
+
+    task = asyncio.create_task(forget())
+    _forgetting.add(task)
+    task.add_done_callback(_forgetting.discard)
 
 
 def _unavailable(

@@ -190,7 +190,13 @@ async def test_an_expired_entry_is_not_a_semantic_hit(
     client = redis.Redis.from_url(redis_url)
     client.flushall()  # what TTL expiry does to the entry; the vector stays behind
     client.close()
+    vectors = rc.vector_store(store)
+    assert await vectors.count("deepgate-cache") == 1
     assert (await setup.ask(token, REPHRASED))[0] == "miss"
+    await asyncio.sleep(0.2)
+    # the stale question left the index; the new miss was indexed in its place
+    assert await vectors.count("deepgate-cache") == 1
+    assert (await setup.ask(token, ASKED))[0] == "hit-semantic"
 
 
 async def test_an_unreachable_pool_falls_back_to_exact_only(

@@ -33,6 +33,7 @@ from deepgate.chat import Dialect, check_chat_body, text_slots
 from deepgate.chunking import count_tokens
 from deepgate.config import ConfigError
 from deepgate.errors import DeepgateError, PermissionDenied, ServiceUnavailable
+from deepgate.secrets import is_ref
 from deepgate.vectorstore import Hit, VectorStoreError, check_collection_name
 from plugins.base import PluginConfig, PluginSpec, RequestContext
 from plugins.runner.codec import Stop
@@ -74,13 +75,13 @@ class Config(PluginConfig):
     @field_validator("store")
     @classmethod
     def _store(cls, store: str | None) -> str | None:
-        if store is None or store.startswith(("$env://", "$file://", "$vault://")):
+        if store is None or is_ref(store):
             return store
         if store.startswith(("sqlite://", "postgresql://", "postgres://")):
             return store
         raise ValueError(
             "store must be a DSN (sqlite:///path/vectors.db, postgresql://user@host/db) or a "
-            "reference to one ($env://NAME, $file://PATH, $vault://PATH#KEY)"
+            "reference to one ($env://NAME, $file://PATH, $vault://PATH#KEY, $sealed://...)"
         )
 
 
@@ -164,7 +165,7 @@ async def on_request(ctx: RequestContext, conf: Config) -> Stop | None:
     timeout_s = conf.timeout_ms / 1000
     try:
         vector = (await LINK.embed([question], timeout_s, model=conf.embedding_model))[0]
-        store = rc.vector_store(rc.store_dsn(conf.store))
+        store = rc.vector_store(await rc.store_dsn(conf.store))
         hits = await asyncio.wait_for(store.query(collection, vector, conf.top_k), timeout_s)
     except (DeepgateError, VectorStoreError, OSError, TimeoutError, ConfigError) as exc:
         # the type and the collection only: the message may quote the DSN or the request

@@ -305,3 +305,16 @@ async def test_store_failure_follows_on_error(served: Rag) -> None:
     assert status == 503
     assert error["error"]["code"] == "rag_unavailable"
     assert "deepgate rag list" in error["error"]["message"]
+
+
+async def test_store_may_be_a_secret_reference(
+    served: Rag, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RAG_TEST_VECTOR_DSN", served.dsn)
+    token = await prepare(
+        served.sock,
+        [("deepgate-rag", {"collection": "handbook", "store": "$env://RAG_TEST_VECTOR_DSN"})],
+    )
+    resp = await served.chain(token, ask("How are provider keys rotated?"))
+    assert isinstance(resp.action, codec.Rewrite)
+    assert dict(resp.action.resp_headers)["x-deepgate-rag"] == "hit"

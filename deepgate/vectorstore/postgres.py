@@ -31,6 +31,7 @@ from deepgate.vectorstore import (
 )
 
 POOL_SIZE = 4
+CONNECT_TIMEOUT_S = 5
 
 _REGISTRY = """
 CREATE TABLE IF NOT EXISTS dg_vec_collections (
@@ -64,7 +65,9 @@ class PgVectorStore:
 
     async def _open(self) -> psycopg.AsyncConnection[Any]:
         try:
-            conn = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
+            conn = await psycopg.AsyncConnection.connect(
+                self.dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S
+            )
         except psycopg.OperationalError as exc:
             raise VectorStoreError(
                 f"cannot reach the PostgreSQL vector store: {exc}".strip()
@@ -102,6 +105,11 @@ class PgVectorStore:
             conn = await self._idle.get()
         try:
             yield conn
+        except psycopg.Error as exc:
+            # the server went away, a statement timed out, a table was dropped under us...
+            raise VectorStoreError(
+                f"the PostgreSQL vector store failed ({type(exc).__name__}): {exc}".strip()
+            ) from exc
         finally:
             if conn.closed:
                 self._opened -= 1

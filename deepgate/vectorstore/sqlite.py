@@ -119,7 +119,13 @@ class SqliteVecStore:
                     self._conn = self._connect()
                 return fn(self._conn)
 
-            return await asyncio.to_thread(call)
+            try:
+                return await asyncio.to_thread(call)
+            except sqlite3.Error as exc:
+                # locked past the busy timeout, disk full, a file that is not a database...
+                raise VectorStoreError(
+                    f"the SQLite vector store {self._path} failed: {exc}"
+                ) from exc
 
     def _dim(self, conn: Any, name: str) -> int:
         dim = self._dims.get(name)

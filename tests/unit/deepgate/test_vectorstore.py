@@ -89,3 +89,23 @@ async def test_nan_vectors_are_refused() -> None:
             await store.query("c", [float("nan"), 1.0], k=1)
     finally:
         await store.close()
+
+
+async def test_unreachable_postgres_is_a_store_error() -> None:
+    store = open_store("postgresql://nobody@127.0.0.1:1/none")
+    try:
+        with pytest.raises(VectorStoreError, match="cannot reach the PostgreSQL vector store"):
+            await store.query("docs", [1.0], k=1)
+    finally:
+        await store.close()
+
+
+async def test_a_file_that_is_not_a_database_is_a_store_error(tmp_path: Path) -> None:
+    path = tmp_path / "notes.db"
+    path.write_text("these are notes, not a database " * 100)
+    store = open_store(f"sqlite://{path}")
+    try:
+        with pytest.raises(VectorStoreError, match=r"notes\.db failed"):
+            await store.collections()
+    finally:
+        await store.close()

@@ -32,6 +32,7 @@ import orjson
 from deepgate.chat import text_slots
 from deepgate.errors import ContextLengthExceeded, InvalidRequest, NotFound, PermissionDenied
 from deepgate.flags import FLAGS, FlagContext
+from deepgate.request_facts import Facts
 from deepgate.route_signature import HEADER as ROUTE_HEADER
 from deepgate.route_signature import sign_route
 from plugins.base import PluginSpec, RequestContext
@@ -118,9 +119,8 @@ def _completion_tokens(body: dict[str, Any], default: int) -> int:
     return default
 
 
-def _policy_filter(ctx: RequestContext, alias: CompiledAlias) -> list[TargetInfo]:
-    """The alias's targets this consumer and this prompt may reach, or 403 saying why not."""
-    facts = ctx.facts
+def _reachable(facts: Facts, alias: CompiledAlias) -> list[TargetInfo]:
+    """The alias's targets in the consumer's allowed regions and providers, or 403 saying why."""
     targets = list(alias.targets)
     regions = facts.get("allowed_regions")
     if regions is not None:
@@ -129,39 +129,53 @@ def _policy_filter(ctx: RequestContext, alias: CompiledAlias) -> list[TargetInfo
             raise PermissionDenied(
                 f"No target of the model {alias.name!r} runs in a region you may use "
                 f"({', '.join(regions) or 'none'}); the policy's data residency rule "
-                "(allowed_regions) forbids the others. Ask for another model or ask the "
-                "gateway's operator.",
-                code="region_not_allowed",
+                "(regions) excludes the others. Ask for another model, or ask the gateway's "
+                "operator for access.",
+                param="model",
             )
     providers = facts.get("allowed_providers")
     if providers is not None:
         targets = [t for t in targets if t.provider in providers]
         if not targets:
             raise PermissionDenied(
-                f"No target of the model {alias.name!r} is a provider you may use "
-                f"({', '.join(providers) or 'none'}); the policy's allowed_providers rule "
-                "forbids the others.",
-                code="provider_not_allowed",
+                f"No target of the model {alias.name!r} left is a provider you may use "
+                f"({', '.join(providers) or 'none'}); the policy's providers rule excludes "
+                "the others. Ask for another model, or ask the gateway's operator for access.",
+                param="model",
             )
-    if facts.get("personal_data_found"):
-        rule = facts.get("personal_data_rule", "allow")
-        if rule == "refuse":
-            raise PermissionDenied(
-                "The prompt carries personal data and the policy rule personal_data 'refuse' "
-                "forbids sending it to a model provider. Remove the personal data and retry.",
-                code="personal_data_refused",
-            )
-        if rule == "local":
-            targets = [t for t in targets if not t.external]
-            if not targets:
-                raise PermissionDenied(
-                    f"The prompt carries personal data, the policy rule personal_data 'local' "
-                    f"keeps it inside this deployment, and the model {alias.name!r} has no "
-                    "local target. Ask for a local model (e.g. 'local') or remove the personal "
-                    "data.",
-                    code="personal_data_local_only",
-                )
     return targets
+
+
+def _policy_filter(
+    ctx: RequestContext, alias: CompiledAlias, conf: Config
+) -> tuple[CompiledAlias, list[TargetInfo]]:
+    """The targets this consumer and this prompt may reach (the alias may change), or 403."""
+    facts = ctx.facts
+    targets = _reachable(facts, alias)
+    if not facts.get("personal_data_found"):
+        return alias, targets
+    rule = facts.get("personal_data_rule", "allow")
+    if rule == "refuse":
+        raise PermissionDenied(
+            "The prompt carries personal data, and the policy's personal_data rule 'refuse' "
+            "forbids sending it to any model provider. Remove the personal data and retry.",
+            param="messages",
+        )
+    if rule != "local":
+        return alias, targets
+    inside = [t for t in targets if not t.external]
+    if not inside and conf.personal_data_alias is not None:
+        # "route to the local model": the alias named for prompts that must stay inside
+        alias = conf.compiled[conf.personal_data_alias]
+        inside = [t for t in _reachable(facts, alias) if not t.external]
+    if not inside:
+        raise PermissionDenied(
+            f"The prompt carries personal data, the policy's personal_data rule 'local' keeps "
+            f"it inside this deployment, and the model {alias.name!r} has no target inside it "
+            "you may use. Ask for a local model, or remove the personal data.",
+            param="messages",
+        )
+    return alias, inside
 
 
 def _fit_context(
@@ -170,9 +184,13 @@ def _fit_context(
     """The alias whose targets can hold the prompt, and the prompt's tokens when counted."""
     # A prompt cannot have more tokens than its body has bytes: below the smallest window no
     # count is needed (the common case costs one comparison).
-    if alias.min_window is None or raw_len < alias.min_window:
+    if alias.min_window is None:
         return alias, None
-    tokens = _prompt_tokens(ctx, body)
+    tokens = ctx.facts.get("prompt_tokens")
+    if tokens is None:
+        if raw_len < alias.min_window:
+            return alias, None
+        tokens = _prompt_tokens(ctx, body)
     if alias.max_window is not None and tokens > alias.max_window:
         if alias.long_context_alias is not None:
             return conf.compiled[alias.long_context_alias], tokens
@@ -187,6 +205,8 @@ def _fit_context(
 
 def _strategy(ctx: RequestContext, alias: CompiledAlias) -> Strategy:
     """The alias's strategy, or the variant a rollout flag gives this consumer."""
+    if not FLAGS.configured:
+        return alias.strategy  # no flag file: skip building the context
     facts = ctx.facts
     chosen = FLAGS.variant(
         f"router.{alias.name}.strategy",
@@ -225,13 +245,12 @@ def decide(
                 alias = conf.compiled[rule.alias]
                 break
     alias, tokens = _fit_context(ctx, body, raw_len, conf, alias)
+    alias, targets = _policy_filter(ctx, alias, conf)
     if tokens is not None:
-        fitting = [
-            t for t in alias.targets if t.context_window is None or t.context_window >= tokens
-        ]
-    targets = _policy_filter(ctx, alias)
-    if tokens is not None:
-        targets = [t for t in targets if t in fitting] or targets
+        # targets too small for this prompt go; if none is big enough, the provider says so
+        targets = [
+            t for t in targets if t.context_window is None or t.context_window >= tokens
+        ] or targets
     strategy = _strategy(ctx, alias)
     prompt_tokens = completion_tokens = 0
     if strategy == "lowest_cost":
@@ -240,9 +259,7 @@ def decide(
     chain = order(
         strategy,
         targets,
-        weights=[alias.weights[alias.targets.index(t)] for t in targets]
-        if strategy == "weighted"
-        else (),
+        weights=[alias.weights[t.label] for t in targets] if strategy == "weighted" else (),
         rng=_RNG,
         latency_ms=BOARD.snapshot(conf.stats) if strategy == "least_latency" else None,
         prompt_tokens=prompt_tokens,

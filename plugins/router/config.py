@@ -97,7 +97,7 @@ class CompiledAlias:
     name: str
     targets: tuple[TargetInfo, ...]
     strategy: Strategy
-    weights: tuple[float, ...]  # aligned with targets (weighted strategy)
+    weights: dict[str, float]  # target -> weight (weighted strategy; 1 unless configured)
     long_context_alias: str | None
     rules: tuple[CompiledRule, ...]
     max_window: int | None  # the largest known context window among the targets
@@ -111,6 +111,8 @@ class Config(PluginConfig):
     stats: StatsConfig = Field(default_factory=StatsConfig)
     catalog: str | None = None  # path of a catalog file; default: DEEPGATE_CATALOG or shipped
     route_ttl_s: float = Field(default=60.0, gt=0)  # how long a signed route stays valid
+    # personal data under the policy rule "local", for an alias without a local target
+    personal_data_alias: str | None = None
 
     _compiled: dict[str, CompiledAlias] = PrivateAttr()
 
@@ -123,6 +125,11 @@ class Config(PluginConfig):
         }
         for name, route in routes.items():
             _check_alias_refs(name, route, routes)
+        if self.personal_data_alias is not None and self.personal_data_alias not in routes:
+            raise ValueError(
+                f"personal_data_alias names {self.personal_data_alias!r}, which is not an alias "
+                "of this config; add it under aliases"
+            )
         self._compiled = {
             name: _compile_alias(name, route, self.strategy, catalog)
             for name, route in routes.items()
@@ -168,7 +175,7 @@ def _compile_alias(
         name=name,
         targets=targets,
         strategy=route.strategy or default,
-        weights=tuple(float(weights.get(t.label, 1.0)) for t in targets),
+        weights={t.label: float(weights.get(t.label, 1.0)) for t in targets},
         long_context_alias=route.long_context_alias,
         rules=tuple(
             CompiledRule(r.name, tuple(k.lower() for k in r.keywords), r.code, r.alias)

@@ -84,9 +84,9 @@ class LatencyBoard:
     async def refresh_once(self) -> bool:
         conf = self._conf
         try:
-            stats = await asyncio.wait_for(
-                self._source(conf.timeout_ms / 1000), conf.timeout_ms / 1000
-            )
+            # asyncio.timeout, not wait_for: wait_for can swallow a cancellation (close())
+            async with asyncio.timeout(conf.timeout_ms / 1000):
+                stats = await self._source(conf.timeout_ms / 1000)
         except Exception as exc:  # noqa: BLE001 - any failure means "no stats": static order
             log.debug("provider stats unavailable: %s", type(exc).__name__)
             return False

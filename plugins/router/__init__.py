@@ -58,13 +58,26 @@ _RNG = random.Random()  # noqa: S311 - load spreading, not security
 _NO_BODY = (Method.GET, Method.HEAD, Method.DELETE, Method.OPTIONS)
 
 # Source code in a prompt: a fenced block, or a line that starts like a statement of a common
-# language, or ends like one.
-_CODE = re.compile(
-    r"```|^[ \t]*(?:def |class |import |from \S+ import |#include\b|function\b|public |"
-    r"private |package |fn |func |let |const |var |SELECT\b|for ?\(|if ?\(|while ?\()"
-    r"|[;{}][ \t]*$",
-    re.MULTILINE,
+# language, or ends like one. Checked line by line with ``match``: a regex searched over the
+# whole prompt costs tens of microseconds on a 2 KB prompt, this a few.
+_CODE_FENCE = "```"
+_CODE_LINE_START = re.compile(
+    r"[ \t]*(?:def |class |import |from \S+ import |#include\b|function\b|public |private |"
+    r"package |fn |func |let |const |var |SELECT\b|for ?\(|if ?\(|while ?\()"
 )
+_CODE_LINE_END = ";{}"
+
+
+def looks_like_code(text: str) -> bool:
+    if _CODE_FENCE in text:
+        return True
+    for line in text.splitlines():
+        if _CODE_LINE_START.match(line):
+            return True
+        stripped = line.rstrip(" \t")
+        if stripped and stripped[-1] in _CODE_LINE_END:
+            return True
+    return False
 
 
 @functools.cache
@@ -99,7 +112,7 @@ def _last_user_text(body: dict[str, Any], dialect: Any) -> str:
 def _rule_matches(rule: CompiledRule, text: str) -> bool:
     if rule.keywords and _keyword_pattern(rule.keywords).search(text):
         return True
-    return rule.code and _CODE.search(text) is not None
+    return rule.code and looks_like_code(text)
 
 
 def _prompt_tokens(ctx: RequestContext, body: dict[str, Any]) -> int:

@@ -319,3 +319,20 @@ async def test_get_requests_pass() -> None:
     ctx = RequestContext(call, ask)
     assert await on_request(ctx, conf()) is None
     assert ctx.rewrite() is None
+
+
+@pytest.mark.parametrize(
+    ("text", "code"),
+    [
+        ("```\nls -la\n```", True),
+        ("import os\nprint(os.getcwd())", True),
+        ("  for (int i = 0; i < n; i++) {", True),
+        ("x = compute(y);", True),
+        ("SELECT name FROM users WHERE id = 1", True),
+        ("What is the capital of France?", False),
+        ("I want to import goods from Spain; is that hard?", False),
+        ("Let me know: which class should I take first?", False),
+    ],
+)
+def test_code_detection(text: str, code: bool) -> None:
+    assert router.looks_like_code(text) is code

@@ -25,6 +25,7 @@ import logging
 import os
 import random
 import re
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -192,7 +193,11 @@ def _policy_filter(
 
 
 def _fit_context(
-    ctx: RequestContext, body: dict[str, Any], raw_len: int, conf: Config, alias: CompiledAlias
+    ctx: RequestContext,
+    body: dict[str, Any],
+    body_size: Callable[[], int],
+    conf: Config,
+    alias: CompiledAlias,
 ) -> tuple[CompiledAlias, int | None]:
     """The alias whose targets can hold the prompt, and the prompt's tokens when counted."""
     # A prompt cannot have more tokens than its body has bytes: below the smallest window no
@@ -201,7 +206,7 @@ def _fit_context(
         return alias, None
     tokens = ctx.facts.get("prompt_tokens")
     if tokens is None:
-        if raw_len < alias.min_window:
+        if body_size() < alias.min_window:
             return alias, None
         tokens = _prompt_tokens(ctx, body)
     if alias.max_window is not None and tokens > alias.max_window:
@@ -239,7 +244,7 @@ def _strategy(ctx: RequestContext, alias: CompiledAlias) -> Strategy:
 
 
 def decide(
-    ctx: RequestContext, body: dict[str, Any], raw_len: int, conf: Config
+    ctx: RequestContext, body: dict[str, Any], body_size: Callable[[], int], conf: Config
 ) -> tuple[CompiledAlias, list[TargetInfo]]:
     """The alias that serves the request and its chain, first target first."""
     model = body.get("model")
@@ -257,7 +262,7 @@ def decide(
             if _rule_matches(rule, text):
                 alias = conf.compiled[rule.alias]
                 break
-    alias, tokens = _fit_context(ctx, body, raw_len, conf, alias)
+    alias, tokens = _fit_context(ctx, body, body_size, conf, alias)
     alias, targets = _policy_filter(ctx, alias, conf)
     if tokens is not None:
         # targets too small for this prompt go; if none is big enough, the provider says so
@@ -290,8 +295,11 @@ async def on_request(ctx: RequestContext, conf: Config) -> Stop | None:
     body = await ctx.json()
     if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
         raise InvalidRequest("The request body must be a chat request with 'model' and 'messages'.")
-    raw_len = len(orjson.dumps(body)) if ctx.body_changed else len(await ctx.body())
-    alias, chain = decide(ctx, body, raw_len, conf)
+    raw = await ctx.body()  # already read by the chain: no second ask
+    # the body's size bounds its tokens; re-encoded only when an earlier plugin changed it
+    alias, chain = decide(
+        ctx, body, (lambda: len(orjson.dumps(body))) if ctx.body_changed else raw.__len__, conf
+    )
     ctx.facts["alias"] = alias.name
     if ctx.header(REQUEST_ID_HEADER) is None:
         # The sidecar checks the signature against the id it sees: make it ours.

@@ -336,3 +336,19 @@ async def test_get_requests_pass() -> None:
 )
 def test_code_detection(text: str, code: bool) -> None:
     assert router.looks_like_code(text) is code
+
+
+async def test_a_body_an_earlier_plugin_grew_is_measured_as_it_is_now() -> None:
+    raw = orjson.dumps(chat("hi"))
+
+    async def ask(info: object) -> bytes | None:
+        return raw
+
+    ctx = RequestContext(
+        HTTPReqCallReq(id=3, conf_token=1, method=Method.POST, path=CHAT_PATH), ask
+    )
+    await ctx.json()
+    ctx.replace_json(chat("word " * 9000))  # e.g. RAG added context: over the local model's 8k
+    assert await on_request(ctx, conf()) is None
+    signed = dict(ctx.rewrite_headers)["x-deepgate-route"]
+    assert verify_route(KEY.encode(), ctx.request_id, signed) == EXTERNAL

@@ -29,7 +29,8 @@ def main() -> int:
     ]
     if protoc.main(args) != 0:
         return 1
-    for path in OUT.rglob("*.py*"):
+    generated = [*OUT.rglob("*.py"), *OUT.rglob("*.pyi")]  # never __pycache__'s .pyc files
+    for path in generated:
         text = path.read_text()
         fixed = text.replace("from deepgate.v1 import", "from sidecar._proto.deepgate.v1 import")
         if fixed != text:

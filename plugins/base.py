@@ -111,6 +111,10 @@ class RequestContext:
             self._headers = headers
         return self._headers.get(name.lower())
 
+    def know_var(self, name: str, value: str | None) -> None:
+        """Record a variable the runner already knows, so asking for it costs no round trip."""
+        self._vars[name] = value
+
     async def var(self, name: str) -> str | None:
         """An APISIX/nginx variable (``consumer_name``, ``remote_addr``, ...), asked once."""
         if name not in self._vars:
@@ -212,9 +216,7 @@ class PluginSpec:
     on_response: ResponseHandler | None = None
 
 
-def error_stop(
-    err: DeepgateError, dialect: Dialect, extra_headers: Entries | None = None
-) -> Stop:
+def error_stop(err: DeepgateError, dialect: Dialect, extra_headers: Entries | None = None) -> Stop:
     """A Stop that answers the client with ``err`` in its route's error shape.
 
     The content type is set explicitly: APISIX sends a Stop without one as ``text/plain``.

@@ -31,6 +31,7 @@ class PreparedConf:
     key: ConfKey
     plugins: list[PreparedPlugin]
     last_used: float = 0.0
+    route_id: str | None = None  # from PrepareConf's key; None when the key names no route
     needs_request: bool = field(init=False)
     needs_response: bool = field(init=False)
 
@@ -62,14 +63,18 @@ class ConfCache:
         conf.last_used = self._clock()
         return conf
 
-    def add(self, key: ConfKey, plugins: list[PreparedPlugin]) -> PreparedConf:
+    def add(
+        self, key: ConfKey, plugins: list[PreparedPlugin], route_id: str | None = None
+    ) -> PreparedConf:
         self._sweep()
         token = self._next_token
         while token in self._by_token:  # only after 2**32 prepares: never reuse a live one
             token = token % 0xFFFFFFFF + 1
         # Tokens are uint32 on the wire; skip 0 (it reads as "no token") when wrapping.
         self._next_token = token % 0xFFFFFFFF + 1
-        conf = PreparedConf(token=token, key=key, plugins=plugins, last_used=self._clock())
+        conf = PreparedConf(
+            token=token, key=key, plugins=plugins, last_used=self._clock(), route_id=route_id
+        )
         self._by_token[token] = conf
         self._by_key[key] = conf
         return conf

@@ -148,8 +148,9 @@ class Runner:
 
     # --- PrepareConf ------------------------------------------------------------------------
 
-    def prepare(self, conf: list[tuple[str, str]]) -> PreparedConf:
-        key: ConfKey = tuple(conf)
+    def prepare(self, conf: list[tuple[str, str]], route_id: str | None = None) -> PreparedConf:
+        # The route is part of the identity: plugins learn their route without asking APISIX.
+        key: ConfKey = (("#route", route_id or ""), *conf)
         found = self.confs.find_key(key)
         if found is not None:
             return found
@@ -171,7 +172,7 @@ class Runner:
                     f"plugin {name!r}: invalid config: {describe_validation_error(exc)}"
                 ) from None
             plugins.append(PreparedPlugin(spec=spec, config=config))
-        return self.confs.add(key, plugins)
+        return self.confs.add(key, plugins, route_id)
 
 
 class _Connection:
@@ -247,7 +248,7 @@ class _Connection:
     def prepare_conf(self, req: codec.PrepareConfReq) -> bytes:
         started = time.perf_counter()
         try:
-            conf = self.runner.prepare(req.conf)
+            conf = self.runner.prepare(req.conf, route_of(req.key))
         except PrepareError as exc:
             log.error("PrepareConf refused for %s: %s", req.key or "(no key)", exc)
             raise _Reply(ErrCode.BAD_REQUEST) from None
@@ -269,6 +270,8 @@ class _Connection:
         action: codec.Stop | codec.Rewrite | None = None
         if conf.needs_request:
             ctx = RequestContext(req, self.ask_info)
+            if conf.route_id is not None:
+                ctx.know_var("route_id", conf.route_id)
             with request_scope(ctx.request_id):
                 action = await self._run_request_chain(ctx, conf)
         if action is None:
@@ -363,6 +366,14 @@ async def _flag_context(ctx: RequestContext) -> FlagContext:
         route=await ctx.var("route_id"),
         model=model if isinstance(model, str) else None,
     )
+
+
+def route_of(key: str) -> str | None:
+    """The route id in a PrepareConf key (``route#routes#<id>#<phase>#<modifiedIndex>``)."""
+    parts = key.split("#")
+    if len(parts) >= 3 and parts[0] == "route" and parts[2]:
+        return parts[2]
+    return None
 
 
 async def _stopped(ctx: RequestContext, stop: codec.Stop | None) -> codec.Stop | None:

@@ -108,6 +108,9 @@ class LedgerWriter:
                 if "NOGROUP" in str(exc):  # the stream was deleted (and its group with it)
                     self._claim_from = "0-0"
                     self._recreate_group()
+                if self.stopping:  # nothing more can be drained: what is pending stays pending
+                    log.warning("the ledger writer stops with records pending: %s", exc)
+                    return
                 log.warning("the ledger writer will retry in %.1f s: %s", pause, exc)
                 self._nap(pause)
                 pause = min(pause * 2, 10.0)

@@ -9,7 +9,7 @@ import orjson
 import pytest
 from pydantic import ValidationError
 
-from deepgate.errors import ContextLengthExceeded, NotFound, PermissionDenied
+from deepgate.errors import ContextLengthExceeded, InvalidRequest, NotFound, PermissionDenied
 from deepgate.flags import FLAGS
 from deepgate.route_signature import verify_route
 from plugins import router
@@ -352,3 +352,17 @@ async def test_a_body_an_earlier_plugin_grew_is_measured_as_it_is_now() -> None:
     assert await on_request(ctx, conf()) is None
     signed = dict(ctx.rewrite_headers)["x-deepgate-route"]
     assert verify_route(KEY.encode(), ctx.request_id, signed) == EXTERNAL
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"messages": [{"role": "user", "content": "hi"}]}, "model"),
+        ({"model": "auto", "messages": "hi"}, "messages"),
+        ({"model": "auto", "messages": [7]}, "messages[0].role"),
+    ],
+)
+async def test_not_a_chat_body_is_400_naming_the_field(body: dict[str, Any], param: str) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        await route(body)
+    assert info.value.param == param

@@ -18,7 +18,7 @@ import pytest_asyncio
 
 from deepgate.route_signature import sign_route
 from devgateway.driver import RunnerError
-from plugins import router
+from plugins import policy, router, safety
 from plugins.registry import build_registry
 from plugins.router import latency
 from plugins.router.latency import LatencyBoard
@@ -127,7 +127,6 @@ async def decide(
 
 def upstream_headers(resp: codec.HTTPReqCallResp) -> dict[str, str]:
     assert isinstance(resp.action, codec.Rewrite), resp.action
-    assert not resp.action.body  # the router never rewrites the body
     return {k: v for k, v in resp.action.headers if v is not None}
 
 
@@ -149,7 +148,10 @@ async def forward(sidecar: Sidecar, headers: dict[str, str], raw: bytes) -> aioh
 
 async def test_the_sidecar_accepts_the_routers_signature(runner: str, sidecar: Sidecar) -> None:
     raw = body("auto")
-    headers = upstream_headers(await decide(runner, raw))
+    resp = await decide(runner, raw)
+    assert isinstance(resp.action, codec.Rewrite)
+    assert not resp.action.body  # the router never rewrites the body
+    headers = upstream_headers(resp)
     assert headers["x-request-id"]  # the id the signature is bound to, for the sidecar
     answer = await forward(sidecar, headers, raw)
     assert answer.status == 200
@@ -231,3 +233,73 @@ async def test_stats_unavailable_keep_the_configured_order(
     finally:
         await router.BOARD.close()
         await link.close()
+
+
+# --- with the real policy and safety plugins before it ----------------------------------------
+
+POLICY = {
+    "store": "memory",
+    "consumers": {
+        "pat": {"personal_data": "local"},
+        "ria": {"personal_data": "refuse"},
+        "uma": {"regions": ["us"]},
+    },
+}
+SAFETY = {"injection": {"action": "block"}, "personal_data": {"action": "mask"}}
+SHIPPED_LIKE = {
+    "aliases": {
+        "auto": [DS, OA, AN, "local:smollm2-135m-instruct"],
+        "cheap": [DS, OA, AN],
+        "local": ["local:smollm2-135m-instruct"],
+    },
+    "personal_data_alias": "local",
+}
+WITH_EMAIL = "Write to jane.doe@example.com about the meeting on Friday."
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def chain_runner(
+    fakes: Fakes, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[str]:
+    path = str(tmp_path_factory.mktemp("sock") / "chain.sock")
+    r = Runner(build_registry([policy.SPEC, safety.SPEC, router.SPEC]), conf_expire_s=3600)
+    await r.start(path)
+    yield path
+    await r.stop(grace_s=0.5)
+
+
+async def chain_decision(sock: str, consumer: str, text: str) -> codec.HTTPReqCallResp:
+    token = await prepare(
+        sock,
+        [("deepgate-policy", POLICY), ("deepgate-safety", SAFETY), (ROUTER, SHIPPED_LIKE)],
+    )
+    resp, apisix = await run_call(sock, token, body(model_for(text), text), consumer_name=consumer)
+    assert apisix.asked.count("body") == 1  # one body for the whole chain
+    return resp
+
+
+def model_for(text: str) -> str:
+    return "cheap" if text.startswith("cheap:") else "auto"
+
+
+async def test_the_policys_rules_and_the_safety_findings_steer_the_route(
+    chain_runner: str,
+) -> None:
+    plain = "What is the capital of France?"
+    assert chain(await chain_decision(chain_runner, "pat", plain)) == [
+        *SHIPPED_LIKE["aliases"]["auto"]
+    ]
+    # personal data under "local": only the local model, even for an alias without one
+    assert chain(await chain_decision(chain_runner, "pat", WITH_EMAIL)) == [
+        "local:smollm2-135m-instruct"
+    ]
+    assert chain(await chain_decision(chain_runner, "pat", "cheap: " + WITH_EMAIL)) == [
+        "local:smollm2-135m-instruct"
+    ]
+    # residency: DeepSeek (cn) and the local model are not in "us"
+    assert chain(await chain_decision(chain_runner, "uma", plain)) == [OA, AN]
+    # personal data under "refuse": 403 naming the rule, never the data
+    status, err, _ = stop_json(await chain_decision(chain_runner, "ria", WITH_EMAIL))
+    assert status == 403
+    assert "'refuse'" in err["error"]["message"]
+    assert "jane" not in err["error"]["message"]

@@ -13,6 +13,7 @@ chain shares the same parsed object, so a change one plugin makes is what the ne
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -96,7 +97,9 @@ class RequestContext:
         self.rewrite_headers: Entries = []
         self.rewrite_args: Entries = []
         self.rewrite_resp_headers: Entries = []
-        self.request_id = self.header("x-request-id") or f"call-{call.id}"
+        # The client's (or an earlier proxy's) id, else a fresh one: call ids repeat across
+        # APISIX workers and restarts, and the ledger keys usage by this id.
+        self.request_id = self.header("x-request-id") or uuid.uuid4().hex
         # What the chain learned, for later plugins and (sealed) for the sidecar.
         self.facts: Facts = Facts()
         self.on_stop: list[OnStop] = []

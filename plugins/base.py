@@ -40,6 +40,9 @@ from plugins.runner.codec import (
 Ask = Callable[[ExtraInfo], Awaitable[bytes | None]]
 """Asks APISIX for a variable or a body over the call's connection."""
 
+AskMany = Callable[[list[ExtraInfo]], Awaitable[list[bytes | None]]]
+"""Asks several questions in one round trip (APISIX answers ExtraInfo frames in order)."""
+
 _UNSET: Any = object()
 
 OnStop = Callable[[], Awaitable[None]]
@@ -68,6 +71,7 @@ class RequestContext:
 
     __slots__ = (
         "_ask",
+        "_ask_many",
         "_body",
         "_headers",
         "_json",
@@ -84,9 +88,10 @@ class RequestContext:
         "rewrite_resp_headers",
     )
 
-    def __init__(self, call: HTTPReqCallReq, ask: Ask) -> None:
+    def __init__(self, call: HTTPReqCallReq, ask: Ask, ask_many: AskMany | None = None) -> None:
         self.call = call
         self._ask = ask
+        self._ask_many = ask_many
         self._body: bytes | None = _UNSET
         self._json: Any = _UNSET
         self._vars: dict[str, str | None] = {}
@@ -117,6 +122,19 @@ class RequestContext:
     def know_var(self, name: str, value: str | None) -> None:
         """Record a variable the runner already knows, so asking for it costs no round trip."""
         self._vars[name] = value
+
+    async def prefetch(self, names: tuple[str, ...], body: bool) -> None:
+        """Ask for what the chain will need in one round trip instead of one per question."""
+        questions: list[ExtraInfo] = [Var(n) for n in names if n not in self._vars]
+        if body and self._body is _UNSET:
+            questions.append(ReqBody())
+        if len(questions) < 2 or self._ask_many is None:
+            return  # one question costs the same asked now or later: leave it lazy
+        for question, raw in zip(questions, await self._ask_many(questions), strict=True):
+            if isinstance(question, Var):
+                self._vars[question.name] = None if raw is None else raw.decode("utf-8", "replace")
+            else:
+                self._body = raw
 
     async def var(self, name: str) -> str | None:
         """An APISIX/nginx variable (``consumer_name``, ``remote_addr``, ...), asked once."""
@@ -217,6 +235,9 @@ class PluginSpec:
     config: type[PluginConfig]
     on_request: RequestHandler | None = None
     on_response: ResponseHandler | None = None
+    # What the request handler always reads, fetched for the whole chain in one round trip.
+    wants_vars: tuple[str, ...] = ()
+    wants_body: bool = False
 
 
 def error_stop(err: DeepgateError, dialect: Dialect, extra_headers: Entries | None = None) -> Stop:

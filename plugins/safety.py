@@ -453,4 +453,4 @@ def _log_findings(ctx: RequestContext, findings: list[Finding]) -> None:
     )
 
 
-SPEC = PluginSpec(name=NAME, config=Config, on_request=on_request)
+SPEC = PluginSpec(name=NAME, config=Config, on_request=on_request, wants_body=True)

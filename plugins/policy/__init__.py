@@ -208,4 +208,10 @@ async def on_request(ctx: RequestContext, conf: Config) -> Stop | None:
     return None
 
 
-SPEC = PluginSpec(name=NAME, config=Config, on_request=on_request)
+SPEC = PluginSpec(
+    name=NAME,
+    config=Config,
+    on_request=on_request,
+    wants_vars=("consumer_name",),
+    wants_body=True,
+)

@@ -34,10 +34,15 @@ class PreparedConf:
     route_id: str | None = None  # from PrepareConf's key; None when the key names no route
     needs_request: bool = field(init=False)
     needs_response: bool = field(init=False)
+    prefetch_vars: tuple[str, ...] = field(init=False)  # what the chain's plugins always read
+    prefetch_body: bool = field(init=False)
 
     def __post_init__(self) -> None:
         self.needs_request = any(p.spec.on_request for p in self.plugins)
         self.needs_response = any(p.spec.on_response for p in self.plugins)
+        wanted = (name for p in self.plugins if p.spec.on_request for name in p.spec.wants_vars)
+        self.prefetch_vars = tuple(dict.fromkeys(wanted))
+        self.prefetch_body = any(p.spec.wants_body for p in self.plugins if p.spec.on_request)
 
 
 class ConfCache:

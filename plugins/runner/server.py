@@ -221,6 +221,23 @@ class _Connection:
     async def ask(self, frame: bytes) -> bytes | None:
         """Send an ExtraInfo question and wait for APISIX's answer on this connection."""
         self.writer.write(frame)
+        return await self._answer()
+
+    async def ask_many(self, infos: list[ExtraInfo]) -> list[bytes | None]:
+        """Several questions in one write; APISIX answers each, in order, on this connection
+        (its ExtraInfo loop reads one frame, answers it, reads the next)."""
+        self.writer.write(b"".join(self._question(info) for info in infos))
+        return [await self._answer() for _ in infos]
+
+    async def ask_info(self, info: ExtraInfo) -> bytes | None:
+        return await self.ask(self._question(info))
+
+    def _question(self, info: ExtraInfo) -> bytes:
+        if isinstance(info, codec.Var):
+            return self.runner.var_frame(info.name)
+        return _REQ_BODY_FRAME if isinstance(info, codec.ReqBody) else _RESP_BODY_FRAME
+
+    async def _answer(self) -> bytes | None:
         msg_type, payload = await self.read_frame()
         if msg_type != MsgType.RPC_EXTRA_INFO:
             raise ConnectionError(f"expected an extra-info answer, got frame type {msg_type}")
@@ -228,13 +245,6 @@ class _Connection:
             return codec.decode_extra_info_resp(payload).result
         except ProtocolError as exc:
             raise ConnectionError(f"unreadable extra-info answer: {exc}") from None
-
-    async def ask_info(self, info: ExtraInfo) -> bytes | None:
-        if isinstance(info, codec.Var):
-            return await self.ask(self.runner.var_frame(info.name))
-        return await self.ask(
-            _REQ_BODY_FRAME if isinstance(info, codec.ReqBody) else _RESP_BODY_FRAME
-        )
 
     async def exchange(self, msg_type: int, payload: bytes) -> bytes:
         if msg_type == MsgType.RPC_HTTP_REQ_CALL:
@@ -269,9 +279,10 @@ class _Connection:
             raise _Reply(ErrCode.CONF_TOKEN_NOT_FOUND)
         action: codec.Stop | codec.Rewrite | None = None
         if conf.needs_request:
-            ctx = RequestContext(req, self.ask_info)
+            ctx = RequestContext(req, self.ask_info, self.ask_many)
             if conf.route_id is not None:
                 ctx.know_var("route_id", conf.route_id)
+            await ctx.prefetch(conf.prefetch_vars, conf.prefetch_body)
             with request_scope(ctx.request_id):
                 action = await self._run_request_chain(ctx, conf)
         if action is None:

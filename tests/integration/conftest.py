@@ -170,6 +170,13 @@ TEST_REGISTRY = build_registry(
         PluginSpec("test-slow", SlowConfig, on_request=slow),
         PluginSpec("test-boom", BoomConfig, on_request=boom, on_response=boom_response),
         PluginSpec("test-vars", VarsConfig, on_request=read_vars),
+        PluginSpec(
+            "test-prefetch",
+            VarsConfig,
+            on_request=read_vars,
+            wants_vars=("consumer_name", "remote_addr"),
+            wants_body=True,
+        ),
         PluginSpec("test-read-body", ReadBodyConfig, on_request=read_body),
         PluginSpec("test-stop", StopConfig, on_request=stop_now),
         PluginSpec("test-upper", UpperConfig, on_response=upper_response),

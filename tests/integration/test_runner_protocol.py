@@ -173,6 +173,35 @@ async def test_body_and_vars_asked_once_per_call_and_only_when_needed(inproc_run
     assert apisix.asked == []
 
 
+async def test_what_the_chain_always_reads_is_asked_in_one_round_trip(inproc_runner: str) -> None:
+    token = await prepare(
+        inproc_runner, [("test-prefetch", {"names": ["consumer_name"]}), ("test-read-body", {})]
+    )
+    reader, writer = await asyncio.open_unix_connection(inproc_runner)
+
+    async def read_frame() -> tuple[int, bytes]:
+        msg_type, size = codec.parse_header(await reader.readexactly(4))
+        return msg_type, await reader.readexactly(size)
+
+    try:
+        req = codec.encode_http_req_call_req(call(token=token, id=7))
+        writer.write(codec.frame(MsgType.RPC_HTTP_REQ_CALL, req))
+        # All three questions arrive before APISIX has answered any of them ...
+        frames = [await asyncio.wait_for(read_frame(), 5) for _ in range(3)]
+        questions = [codec.decode_extra_info_req(payload).info for _, payload in frames]
+        assert questions == [codec.Var("consumer_name"), codec.Var("remote_addr"), codec.ReqBody()]
+        # ... and APISIX's in-order answers are matched to them.
+        for answer in (b"alice", b"10.0.0.1", chat_body("Hi")):
+            writer.write(codec.frame(MsgType.RPC_EXTRA_INFO, codec.encode_extra_info_resp(answer)))
+        msg_type, payload = await asyncio.wait_for(read_frame(), 5)
+    finally:
+        writer.close()
+    assert msg_type == MsgType.RPC_HTTP_REQ_CALL
+    action = codec.decode_http_req_call_resp(payload).action
+    assert isinstance(action, codec.Rewrite)
+    assert dict(action.headers) == {"x-var-consumer_name": "alice", "x-model": "deepseek-chat"}
+
+
 async def test_missing_variable_reads_as_absent(inproc_runner: str) -> None:
     token = await prepare(inproc_runner, [("test-vars", {"names": ["consumer_name"]})])
     resp, _ = await run_call(inproc_runner, token, None)

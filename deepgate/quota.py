@@ -14,8 +14,8 @@ Two stores, one contract:
 
 - ``RedisQuotaStore``: the counters in Redis (or Valkey), shared by every process that points at
   it. Two scripts (reserve; settle, of which release is the zero case), sent to Redis once and
-  then called with ``EVALSHA``: one round trip per check-and-reserve. Every key carries the hash tag ``{dgq}`` so that the scripts' keys share
-  one slot on a Redis Cluster.
+  then called with ``EVALSHA``: one round trip per check-and-reserve. Every key carries the hash
+  tag ``{dgq}`` so that the scripts' keys share one slot on a Redis Cluster.
 - ``MemoryQuotaStore``: the same counters in this process, for a single-node runner without
   Redis. Nothing outside the process can settle its reservations, so what it reserves is what
   counts.

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict
 
 from deepgate.chat import Dialect, dialect_for_path
 from deepgate.errors import DeepgateError, InvalidRequest
+from deepgate.flags import FlagContext
 from deepgate.request_facts import HEADER as FACTS_HEADER
 from deepgate.request_facts import Facts, seal
 from plugins.runner.codec import (
@@ -166,6 +167,22 @@ class RequestContext:
         """Replace the whole parsed body (the next plugins see the new one)."""
         self._json = value
         self.body_changed = True
+
+    async def flag_context(self) -> FlagContext:
+        """Who the request is for feature flags: consumer, groups (policy), route and model."""
+        model = self.facts.get("alias")
+        if model is None:
+            try:
+                body = await self.json()
+            except DeepgateError:  # not JSON: the plugins will say so
+                body = None
+            model = body.get("model") if isinstance(body, dict) else None
+        return FlagContext(
+            consumer=await self.var("consumer_name"),
+            groups=tuple(self.facts.get("groups", ())),
+            route=await self.var("route_id"),
+            model=model if isinstance(model, str) else None,
+        )
 
     def set_header(self, name: str, value: str | None) -> None:
         """Set (or, with ``None``, remove) a header on the way to the upstream."""

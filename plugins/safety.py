@@ -33,6 +33,7 @@ from pydantic import Field, PrivateAttr, model_validator
 from deepgate.chat import TextSlot, check_chat_body, text_slots
 from deepgate.config import StrictModel
 from deepgate.errors import ContentPolicyViolation, DeepgateError, ServiceUnavailable
+from deepgate.flags import FLAGS
 from deepgate.safety import (
     Action,
     Detector,
@@ -347,6 +348,21 @@ async def _scan_rules(
     return hits
 
 
+DETECTOR_FLAGS = {
+    name: f"safety.{name}.enabled"
+    for name in (INJECTION, "secrets", "personal_data", "obfuscation", PATTERNS, TOPICS)
+}
+
+
+async def _switched_off(ctx: RequestContext) -> set[str]:
+    """Detectors a flag file switches off for this request (``safety.<detector>.enabled``)."""
+    flagged = {name: key for name, key in DETECTOR_FLAGS.items() if FLAGS.defines(key)}
+    if not flagged:
+        return set()
+    who = await ctx.flag_context()
+    return {name for name, key in flagged.items() if not FLAGS.enabled(key, who, True)}
+
+
 async def on_request(ctx: RequestContext, conf: Config) -> Stop | None:
     if ctx.call.method in (Method.GET, Method.HEAD, Method.DELETE, Method.OPTIONS):
         return None
@@ -357,6 +373,13 @@ async def on_request(ctx: RequestContext, conf: Config) -> Stop | None:
     actions = compiled.actions
 
     detectors = compiled.detectors
+    classifier, topics = compiled.classifier, compiled.topics
+    off: set[str] = set()
+    if FLAGS.configured:
+        off = await _switched_off(ctx)
+        detectors = tuple(d for d in detectors if d.name not in off)
+        classifier = None if INJECTION in off else classifier
+        topics = None if TOPICS in off else topics
     screen = detectors[0] if detectors and isinstance(detectors[0], PatternScreen) else None
     if screen is not None and not screen.applies(body["messages"][last].get("role")):
         detectors = detectors[1:]
@@ -376,13 +399,13 @@ async def on_request(ctx: RequestContext, conf: Config) -> Stop | None:
         raise _refuse(blocking)
 
     pool: list[Any] = []
-    if compiled.classifier is not None:
+    if classifier is not None:
         text = "\n".join(s.text for s in _scoped(slots, compiled.classifier_scope, last))
         if text:
-            c = compiled.classifier
+            c = classifier
             pool.append(_guarded("injection classifier", c.on_error, _classify(c, text)))
-    if compiled.topics is not None:
-        t = compiled.topics
+    if topics is not None:
+        t = topics
         text = "\n".join(s.text for s in _scoped(slots, t.scope(), last))
         if text:
             pool.append(_guarded(TOPICS, t.on_error, _topics(t, text)))
@@ -402,7 +425,7 @@ async def on_request(ctx: RequestContext, conf: Config) -> Stop | None:
         _log_findings(ctx, [f for _, f in hits])
 
     _rewrite(ctx, body, hits, actions)
-    _record(ctx, compiled, [*(f for _, f in hits), *whole_text])
+    _record(ctx, compiled, [*(f for _, f in hits), *whole_text], off)
     return None
 
 
@@ -433,9 +456,14 @@ def _rewrite(
     ctx.replace_json(body)
 
 
-def _record(ctx: RequestContext, compiled: Compiled, findings: list[Finding]) -> None:
+def _record(
+    ctx: RequestContext, compiled: Compiled, findings: list[Finding], off: set[str]
+) -> None:
     if compiled.output is not None:
-        ctx.facts["safety_output"] = compiled.output
+        # A detector a flag switched off for this request is off for its answer too.
+        output = {k: v for k, v in compiled.output.items() if k not in off}
+        if output:
+            ctx.facts["safety_output"] = output
     if not findings:
         return
     fired = sorted({f.detector for f in findings})

@@ -30,7 +30,7 @@ from pydantic import ValidationError
 
 from deepgate.config import describe_validation_error
 from deepgate.errors import DeepgateError, InternalError, PayloadTooLarge
-from deepgate.flags import FLAGS, FlagContext
+from deepgate.flags import FLAGS
 from deepgate.logs import request_scope
 from plugins.base import PluginSpec, RequestContext, ResponseContext, error_stop
 from plugins.runner import codec
@@ -309,7 +309,7 @@ class _Connection:
             if flags_on:
                 key = f"plugin.{plugin.spec.name}.enabled"
                 # Only a flag the file names costs the APISIX round trips for the context.
-                if FLAGS.defines(key) and not FLAGS.enabled(key, await _flag_context(ctx), True):
+                if FLAGS.defines(key) and not FLAGS.enabled(key, await ctx.flag_context(), True):
                     log.debug("plugin %s switched off by its flag", plugin.spec.name)
                     continue
             try:
@@ -362,21 +362,6 @@ class _Connection:
                 stop = error_stop(_plugin_failure(None), "openai")
                 ctx.new_status, ctx.new_headers, ctx.new_body = stop.status, stop.headers, stop.body
                 return
-
-
-async def _flag_context(ctx: RequestContext) -> FlagContext:
-    """Who the request is for the plugin flags: consumer, groups (policy), route and model."""
-    model = ctx.facts.get("alias")
-    if model is None:
-        with contextlib.suppress(DeepgateError):  # not JSON: the plugins will say so
-            body = await ctx.json()
-            model = body.get("model") if isinstance(body, dict) else None
-    return FlagContext(
-        consumer=await ctx.var("consumer_name"),
-        groups=tuple(ctx.facts.get("groups", ())),
-        route=await ctx.var("route_id"),
-        model=model if isinstance(model, str) else None,
-    )
 
 
 def route_of(key: str) -> str | None:

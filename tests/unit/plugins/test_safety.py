@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -15,6 +16,7 @@ import pytest
 from pydantic import ValidationError
 
 from deepgate.errors import ContentPolicyViolation
+from deepgate.flags import FLAGS
 from plugins.base import RequestContext
 from plugins.runner.codec import ExtraInfo, HTTPReqCallReq, Method, ReqBody
 from plugins.safety import WINDOW_CHARS, WINDOWS_MAX, Config, on_request, windows
@@ -285,3 +287,26 @@ def test_long_texts_go_to_the_pool_as_sentences_keeping_both_ends() -> None:
     assert all(len(p) <= WINDOW_CHARS for p in pieces)
     run_on = "x" * (WINDOW_CHARS * 2 + 10)
     assert [len(p) for p in windows(run_on)] == [WINDOW_CHARS, WINDOW_CHARS, 10]
+
+
+async def test_a_flag_switches_a_detector_off_per_model(tmp_path: Path) -> None:
+    flags = tmp_path / "flags.yaml"
+    flags.write_text(
+        "flags:\n  safety.secrets.enabled:\n    value: true\n"
+        "    rules:\n      - when: {model: [local]}\n        value: false\n"
+    )
+    FLAGS.configure(flags, check_interval_s=0)
+    try:
+        text = "Here is our key AKIAIOSFODNN7EXAMPLE, check it"
+        err = await refused(chat(("user", text)), SHIPPED)  # deepseek-chat: still screened
+        assert "'secrets'" in err.message
+        local = {**chat(("user", text)), "model": "local"}
+        call = Call(orjson.dumps(local))
+        ctx = RequestContext(
+            HTTPReqCallReq(id=1, conf_token=1, method=Method.POST, path=CHAT), call.ask
+        )
+        assert await on_request(ctx, SHIPPED) is None  # switched off for the local model
+        assert "findings" not in ctx.facts
+        assert "safety_output" not in ctx.facts  # and off for its answer too
+    finally:
+        FLAGS.reset()

@@ -7,17 +7,28 @@ subprocess exactly as APISIX's ``ext-plugin.cmd`` starts it (``python -m plugins
 ``APISIX_LISTEN_ADDRESS`` and ``APISIX_CONF_EXPIRE_TIME``), and the client speaks the protocol as
 APISIX does: PrepareConf once on its own connection, then one exchange at a time per connection.
 
-Two scenarios, so that the plugin's cost can be read against the runner's own in one run:
+Three scenarios, so that the plugins' cost can be read against the runner's own in one run:
 
 - ``empty``: a conf with an empty plugin list. The runner answers "no action" without asking for
   anything; this is the floor (framing, decoding, the event loop, the socket).
 - ``prompt-filter``: deepgate-prompt-filter with a realistic config on a ~2 KB OpenAI chat body
   with clean text. The runner asks for the body once (checked on every call), parses it,
   normalizes, screens and counts tokens, and answers "no action".
+- ``full-chain``: the chat-completions route's ``ext-plugin-post-req`` chain as the shipped
+  ``apisix-conf/apisix.yaml`` configures it (read from that file), deepgate-policy ->
+  deepgate-prompt-filter -> deepgate-safety -> deepgate-router, less what calls the sidecar over
+  gRPC: deepgate-cache is dropped, and so are the safety classifier and embedding topics. The
+  policy reserves its quotas in a real Redis (``deepgate.embedded_redis``); the bench consumer's
+  limits are raised so that no quota runs out during the bench (the only change to the shipped
+  configs). The client answers the runner's questions as APISIX would after key-auth
+  (``consumer_name`` = the consumer, the body), on the same connection, one frame at a time
+  (the runner may send several questions before reading an answer), and checks every final
+  reply: a Rewrite carrying the signed ``x-deepgate-route`` header, never a Stop. The PrepareConf
+  key names the route (``route#routes#chat-completions#ext-plugin-post-req#1``), as APISIX's does.
 
 Each at concurrency 1 (one connection, a plain blocking-socket client) and 64 (64 connections,
 each one exchange at a time, as APISIX's keepalive pool uses them), after a warm-up that is not
-counted. Request frames and the body answer are encoded before the clock starts so that the load
+counted. Request frames and the answers are encoded before the clock starts so that the load
 generator, which shares the machine's two cores with the runner, stays light. For concurrency 64
 the default client is a single-threaded uvloop ``asyncio.Protocol`` state machine (no tasks,
 no futures per call); ``--client64 threads`` runs 64 threads with blocking sockets instead, for
@@ -52,10 +63,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import orjson
+import yaml
 
+from deepgate.embedded_redis import EmbeddedRedis, EmbeddedRedisError
+from deepgate.route_signature import HEADER as ROUTE_HEADER
+from deepgate.route_signature import verify_route
 from devgateway.driver import Answer, RunnerConnection
 from plugins.runner import codec
 from plugins.runner.codec import ExtraInfo, Method, MsgType
@@ -142,8 +157,77 @@ HEADERS: list[tuple[str, str | None]] = [
 ]
 
 
+# After key-auth (ext-plugin-post-req): deepgate-auth-bridge moved the key into ``apikey`` and
+# key-auth's hide_credentials removed it, so no credential header reaches the post-req chain.
+POST_REQ_HEADERS = [h for h in HEADERS if h[0] != "authorization"]
+
+# --- the full chain, from the shipped route config ---------------------------------------------
+
+SHIPPED_ROUTES = REPO / "apisix-conf" / "apisix.yaml"
+CHAT_ROUTE = "chat-completions"
+FULL_CHAIN = ("deepgate-policy", "deepgate-prompt-filter", "deepgate-safety", "deepgate-router")
+BENCH_CONSUMER = "demo"  # the shipped consumer; APISIX's consumer_name after key-auth
+BENCH_ROUTE_KEY = "bench-route-key-0123456789abcdef"  # DEEPGATE_ROUTE_KEY for the runner
+# Limits no bench can reach: the counters, the Lua script and the headers stay the same.
+BENCH_QUOTA = {
+    "requests_per_minute": 10**9,
+    "tokens_per_minute": 10**12,
+    "tokens_per_day": 10**13,
+    "spend_per_month_usd": 10**6,
+}
+# The same chat, asking for the shipped router's headline alias (clients name an alias).
+FULL_CHAIN_BODY = {**CHAT_BODY, "model": "auto"}
+
+SCENARIOS = ("empty", "prompt-filter", "full-chain")
+
+
 class BenchError(Exception):
     """The runner answered wrongly, or went away."""
+
+
+def _bench_policy(value: dict[str, Any]) -> dict[str, Any]:
+    """The shipped policy with every quota limit it sets raised past what a bench can use."""
+    value = orjson.loads(orjson.dumps(value))  # a deep copy
+    rules = [*value.get("consumers", {}).values(), value.get("default") or {}]
+    for rule in rules:
+        quota = rule.get("quota")
+        if quota:
+            for name in quota:
+                quota[name] = BENCH_QUOTA[name]
+    if BENCH_CONSUMER not in value.get("consumers", {}):
+        raise BenchError(f"the shipped deepgate-policy has no consumer {BENCH_CONSUMER!r}")
+    return value
+
+
+def _without_sidecar(value: dict[str, Any]) -> dict[str, Any]:
+    """The shipped safety config less the detectors that ask the sidecar (classifier, topics)."""
+    value = orjson.loads(orjson.dumps(value))
+    value.pop("topics", None)
+    if isinstance(value.get("injection"), dict):
+        value["injection"].pop("classifier", None)
+    return value
+
+
+def full_chain_conf(path: Path = SHIPPED_ROUTES) -> list[tuple[str, str]]:
+    """The chat-completions route's post-req chain, as the bench runs it (see the docstring)."""
+    routes = yaml.safe_load(path.read_text())["routes"]
+    route = next((r for r in routes if r.get("id") == CHAT_ROUTE), None)
+    if route is None:
+        raise BenchError(f"{path}: no route {CHAT_ROUTE!r}")
+    conf: list[tuple[str, str]] = []
+    for entry in route["plugins"]["ext-plugin-post-req"]["conf"]:
+        name = entry["name"]
+        if name not in FULL_CHAIN:
+            continue  # deepgate-cache: its semantic lookup is a gRPC call to the sidecar
+        value = orjson.loads(entry["value"])
+        if name == "deepgate-policy":
+            value = _bench_policy(value)
+        elif name == "deepgate-safety":
+            value = _without_sidecar(value)
+        conf.append((name, orjson.dumps(value).decode()))
+    if tuple(name for name, _ in conf) != FULL_CHAIN:
+        raise BenchError(f"{path}: route {CHAT_ROUTE!r} does not run {' -> '.join(FULL_CHAIN)}")
+    return conf
 
 
 # --- the runner process -----------------------------------------------------------------------
@@ -152,13 +236,14 @@ class BenchError(Exception):
 class RunnerProcess:
     """``python -m plugins.runner`` as APISIX's ext-plugin.cmd starts it."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, extra_env: dict[str, str] | None = None) -> None:
         self.path = str(workdir / "runner.sock")
         self.log_path = workdir / "runner.log"
         self._log = self.log_path.open("wb")
         env = dict(os.environ)
         env["APISIX_LISTEN_ADDRESS"] = f"unix:{self.path}"
         env["APISIX_CONF_EXPIRE_TIME"] = "3600"
+        env.update(extra_env or {})
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "plugins.runner"],
             cwd=REPO,
@@ -168,6 +253,7 @@ class RunnerProcess:
             stderr=subprocess.STDOUT,
         )
         self.clk_tck = os.sysconf("SC_CLK_TCK")
+        self.redis_pid: int | None = None  # the quota store's server, when a scenario needs it
 
     def wait_ready(self, timeout_s: float = 20.0) -> None:
         deadline = time.monotonic() + timeout_s
@@ -197,10 +283,11 @@ class RunnerProcess:
 
     def cpu_s(self) -> float:
         """User + system CPU seconds the runner process has used so far (all its threads)."""
-        stat = Path(f"/proc/{self.proc.pid}/stat").read_text()
-        # The command name (field 2) may hold spaces; fields after its ")" are fixed.
-        fields = stat[stat.rindex(")") + 2 :].split()
-        return (int(fields[11]) + int(fields[12])) / self.clk_tck  # utime, stime (14, 15)
+        return proc_cpu_s(self.proc.pid, self.clk_tck)
+
+    def redis_cpu_s(self) -> float:
+        """The same for the Redis server (0 when there is none)."""
+        return 0.0 if self.redis_pid is None else proc_cpu_s(self.redis_pid, self.clk_tck)
 
     def stop(self) -> int:
         if self.proc.poll() is None:
@@ -214,6 +301,13 @@ class RunnerProcess:
         return self.proc.returncode
 
 
+def proc_cpu_s(pid: int, clk_tck: int) -> float:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    # The command name (field 2) may hold spaces; fields after its ")" are fixed.
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / clk_tck  # utime, stime (14, 15)
+
+
 # --- frames, encoded before the clock starts ----------------------------------------------------
 
 REQ_BODY_QUESTION = codec.frame(
@@ -222,19 +316,46 @@ REQ_BODY_QUESTION = codec.frame(
 NO_VALUE_ANSWER = codec.frame(MsgType.RPC_EXTRA_INFO, codec.encode_extra_info_resp(None))
 
 
+def var_question(name: str) -> bytes:
+    return codec.frame(MsgType.RPC_EXTRA_INFO, codec.encode_extra_info_req(codec.Var(name)))
+
+
 @dataclass(slots=True)
 class Scenario:
+    """One chain. ``vars``: the APISIX variables the client answers (others: no value);
+    ``questions``: the ExtraInfo questions every call must ask (the body counted);
+    ``rewrite``: every call must end in a Rewrite carrying a signed route, else "no action"."""
+
     name: str
     conf: list[tuple[str, str]]
     body: bytes
     asks_body: bool
+    vars: dict[str, str] | None = None
+    questions: int = -1  # -1: the body question only, when asks_body
+    rewrite: bool = False
+    route: str = ""  # the route id in the PrepareConf key
+    headers: list[tuple[str, str | None]] | None = None
     token: int = 0
     body_answer: bytes = b""
+    var_answers: dict[bytes, bytes] | None = None  # question frame -> answer frame
 
     def __post_init__(self) -> None:
         self.body_answer = codec.frame(
             MsgType.RPC_EXTRA_INFO, codec.encode_extra_info_resp(self.body)
         )
+        if self.questions < 0:
+            self.questions = int(self.asks_body)
+        self.route = self.route or f"bench-{self.name}"
+        self.var_answers = {
+            var_question(name): codec.frame(
+                MsgType.RPC_EXTRA_INFO, codec.encode_extra_info_resp(value.encode())
+            )
+            for name, value in (self.vars or {}).items()
+        }
+
+    def var_value(self, name: str) -> bytes | None:
+        value = (self.vars or {}).get(name)
+        return None if value is None else value.encode()
 
 
 _ids = itertools.count(1)
@@ -251,7 +372,7 @@ class Calls:
 
 def encode_calls(scenario: Scenario, n: int) -> Calls:
     requests, replies, ids = [], [], []
-    headers = [*HEADERS, ("content-length", str(len(scenario.body)))]
+    headers = [*(scenario.headers or HEADERS), ("content-length", str(len(scenario.body)))]
     for _ in range(n):
         call_id = next(_ids) & 0xFFFFFFFF
         req = codec.HTTPReqCallReq(
@@ -269,8 +390,13 @@ def encode_calls(scenario: Scenario, n: int) -> Calls:
     return Calls(requests, replies, ids)
 
 
-def check_final(frame: bytes, expected: bytes, call_id: int) -> None:
-    """Fail unless ``frame`` is the "no action" reply to ``call_id`` (bytes compared first)."""
+def check_final(frame: bytes, expected: bytes, call_id: int, rewrite: bool = False) -> None:
+    """Fail unless ``frame`` is the "no action" reply to ``call_id`` (bytes compared first), or
+    with ``rewrite`` a Rewrite carrying a signed route (checked in full on one call by
+    ``prepare_and_check``; here its presence and shape)."""
+    if rewrite:
+        check_rewrite(frame, call_id)
+        return
     if frame == expected:
         return
     msg_type = frame[0]
@@ -284,10 +410,37 @@ def check_final(frame: bytes, expected: bytes, call_id: int) -> None:
         raise BenchError(f"call {call_id}: expected no action, got id {resp.id}: {resp.action!r}")
 
 
+def check_rewrite(frame: bytes, call_id: int) -> codec.Rewrite:
+    msg_type = frame[0]
+    if msg_type == MsgType.RPC_ERROR:
+        code = codec.decode_err_resp(frame[4:]).code
+        raise BenchError(f"call {call_id}: the runner answered RPC_ERROR {code.name}")
+    if msg_type != MsgType.RPC_HTTP_REQ_CALL:
+        raise BenchError(f"call {call_id}: reply of frame type {msg_type}")
+    resp = codec.decode_http_req_call_resp(frame[4:])
+    action = resp.action
+    if resp.id != call_id or not isinstance(action, codec.Rewrite):
+        detail = (
+            f"Stop {action.status}: {action.body[:300]!r}"
+            if isinstance(action, codec.Stop)
+            else repr(action)
+        )
+        raise BenchError(f"call {call_id}: expected a Rewrite, got id {resp.id}: {detail}")
+    for name, value in action.headers:
+        if name == ROUTE_HEADER and value and ";sig=" in value:
+            return action
+    raise BenchError(f"call {call_id}: the Rewrite carries no signed {ROUTE_HEADER}")
+
+
 def answer_question(frame: bytes, scenario: Scenario) -> tuple[bytes, bool]:
     """(the answer frame, whether the body was asked) for an ExtraInfo question."""
     if frame == REQ_BODY_QUESTION:
         return scenario.body_answer, True
+    answers = scenario.var_answers
+    if answers:
+        found = answers.get(frame)
+        if found is not None:
+            return found, False
     info = codec.decode_extra_info_req(frame[4:]).info
     if isinstance(info, codec.ReqBody):
         return scenario.body_answer, True
@@ -317,6 +470,8 @@ class Point:
     client_cpu_s: float
     body_asks: int
     rss_after_kib: int
+    questions: int = 0  # ExtraInfo questions answered (the body included)
+    redis_cpu_s: float = 0.0
     same_cpu: float | None = (
         None  # concurrency 1: share of samples with client and runner on one CPU
     )
@@ -350,20 +505,31 @@ def client_cpu() -> float:
 # --- concurrency 1: one blocking socket ----------------------------------------------------------
 
 
-def recv_frame(sock: socket.socket) -> bytes:
-    buf = sock.recv(65536)
-    while True:
-        if not buf:
-            raise BenchError("the runner closed the connection")
-        size = frame_size(buf)
-        if size >= 0 and len(buf) >= size:
-            if len(buf) > size:
-                raise BenchError("the runner sent more than one frame at once")
-            return buf
-        more = sock.recv(65536)
-        if not more:
-            raise BenchError("the runner closed the connection mid-frame")
-        buf += more
+class FrameReader:
+    """Whole frames from a blocking socket. The runner may send several questions before
+    reading an answer (pipelined ExtraInfo); APISIX reads and answers them one at a time, and so
+    does this client."""
+
+    __slots__ = ("buf", "sock")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = b""
+
+    def frame(self) -> bytes:
+        buf = self.buf
+        while True:
+            size = frame_size(buf)
+            if size >= 0 and len(buf) >= size:
+                if len(buf) == size:
+                    self.buf = b""
+                    return buf
+                self.buf = buf[size:]
+                return buf[:size]
+            more = self.sock.recv(65536)
+            if not more:
+                raise BenchError("the runner closed the connection" + (" mid-frame" if buf else ""))
+            buf += more
 
 
 def sync_calls(
@@ -372,36 +538,44 @@ def sync_calls(
     calls: Calls,
     lat: list[int] | None,
     sample: Callable[[], None] | None = None,
-) -> int:
-    """Run ``calls`` one after another on ``sock``; return how many times the body was asked.
+) -> tuple[int, int]:
+    """Run ``calls`` one after another on ``sock``; return (body asks, questions).
 
     ``sample`` is called between calls, off the clock, every 256 calls.
     """
-    asks = 0
+    asks = questions = 0
+    reader = FrameReader(sock)
     clock = time.perf_counter_ns
+    rewrite, want = scenario.rewrite, scenario.questions
     for i, (req, expected, call_id) in enumerate(
         zip(calls.requests, calls.replies, calls.ids, strict=True)
     ):
-        asked = 0
+        asked = asked_all = 0
         t0 = clock()
         sock.sendall(req)
         while True:
-            frame = recv_frame(sock)
+            frame = reader.frame()
             if frame[0] != MsgType.RPC_EXTRA_INFO:
                 break
             answer, is_body = answer_question(frame, scenario)
             asked += is_body
+            asked_all += 1
             sock.sendall(answer)
         t1 = clock()
-        check_final(frame, expected, call_id)
-        if asked != int(scenario.asks_body):
-            raise BenchError(f"call {call_id}: the body was asked {asked} times")
+        if reader.buf:
+            raise BenchError(f"call {call_id}: the runner sent more after its final reply")
+        check_final(frame, expected, call_id, rewrite)
+        if asked != int(scenario.asks_body) or asked_all != want:
+            raise BenchError(
+                f"call {call_id}: the body was asked {asked} times, {asked_all} questions in all"
+            )
         asks += asked
+        questions += asked_all
         if lat is not None:
             lat.append(t1 - t0)
         if sample is not None and not i & 255:
             sample()
-    return asks
+    return asks, questions
 
 
 def connect(path: str) -> socket.socket:
@@ -420,14 +594,16 @@ def bench_c1(runner: RunnerProcess, scenario: Scenario, warmup: int, n: int) -> 
         def sample() -> None:
             same.append(last_cpu(runner.proc.pid) == last_cpu("self"))
 
-        cpu0, ccpu0, t0 = runner.cpu_s(), client_cpu(), time.perf_counter()
-        asks = sync_calls(sock, scenario, measured, lat, sample)
+        cpu0, ccpu0, rcpu0 = runner.cpu_s(), client_cpu(), runner.redis_cpu_s()
+        t0 = time.perf_counter()
+        asks, questions = sync_calls(sock, scenario, measured, lat, sample)
         wall = time.perf_counter() - t0
-        cpu1, ccpu1 = runner.cpu_s(), client_cpu()
+        cpu1, ccpu1, rcpu1 = runner.cpu_s(), client_cpu(), runner.redis_cpu_s()
     runner.check_alive()
     point = Point(
-        scenario.name, 1, n, wall, lat, cpu1 - cpu0, ccpu1 - ccpu0, asks, runner.rss_kib()
-    )
+        scenario.name, 1, n, wall, lat, cpu1 - cpu0, ccpu1 - ccpu0, asks, runner.rss_kib(),
+        questions, rcpu1 - rcpu0,
+    )  # fmt: skip
     point.same_cpu = sum(same) / len(same)
     return point
 
@@ -446,6 +622,7 @@ class _Phase:
         self.next = 0
         self.completed = 0
         self.asks = 0
+        self.questions = 0
         self.lat: list[int] = []
 
     def fail(self, exc: BaseException) -> None:
@@ -460,6 +637,7 @@ class _ClientProtocol(asyncio.Protocol):
         self.phase: _Phase | None = None
         self.index = -1
         self.asked = 0
+        self.asked_all = 0
         self.t0 = 0
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
@@ -485,7 +663,7 @@ class _ClientProtocol(asyncio.Protocol):
             return
         self.index = phase.next
         phase.next += 1
-        self.asked = 0
+        self.asked = self.asked_all = 0
         self.t0 = time.perf_counter_ns()
         self.transport.write(phase.calls.requests[self.index])
 
@@ -511,14 +689,19 @@ class _ClientProtocol(asyncio.Protocol):
         if frame[0] == MsgType.RPC_EXTRA_INFO:
             answer, is_body = answer_question(frame, phase.scenario)
             self.asked += is_body
+            self.asked_all += 1
             self.transport.write(answer)
             return
         t1 = time.perf_counter_ns()
-        calls, i = phase.calls, self.index
-        check_final(frame, calls.replies[i], calls.ids[i])
-        if self.asked != int(phase.scenario.asks_body):
-            raise BenchError(f"call {calls.ids[i]}: the body was asked {self.asked} times")
+        calls, i, sc = phase.calls, self.index, phase.scenario
+        check_final(frame, calls.replies[i], calls.ids[i], sc.rewrite)
+        if self.asked != int(sc.asks_body) or self.asked_all != sc.questions:
+            raise BenchError(
+                f"call {calls.ids[i]}: the body was asked {self.asked} times, "
+                f"{self.asked_all} questions in all"
+            )
         phase.asks += self.asked
+        phase.questions += self.asked_all
         if phase.keep:
             phase.lat.append(t1 - self.t0)
         phase.completed += 1
@@ -549,10 +732,11 @@ async def _uvloop_c64(
 
     try:
         await phase(warm, keep=False)
-        cpu0, ccpu0, t0 = runner.cpu_s(), client_cpu(), time.perf_counter()
+        cpu0, ccpu0, rcpu0 = runner.cpu_s(), client_cpu(), runner.redis_cpu_s()
+        t0 = time.perf_counter()
         ph = await phase(measured, keep=True)
         wall = time.perf_counter() - t0
-        cpu1, ccpu1 = runner.cpu_s(), client_cpu()
+        cpu1, ccpu1, rcpu1 = runner.cpu_s(), client_cpu(), runner.redis_cpu_s()
     finally:
         for proto in protos:
             if proto.transport is not None:
@@ -560,8 +744,9 @@ async def _uvloop_c64(
         await asyncio.gather(*(p.closed for p in protos))
     runner.check_alive()
     return Point(
-        scenario.name, conns, n, wall, ph.lat, cpu1 - cpu0, ccpu1 - ccpu0, ph.asks, runner.rss_kib()
-    )
+        scenario.name, conns, n, wall, ph.lat, cpu1 - cpu0, ccpu1 - ccpu0, ph.asks,
+        runner.rss_kib(), ph.questions, rcpu1 - rcpu0,
+    )  # fmt: skip
 
 
 def bench_c64_uvloop(
@@ -587,7 +772,7 @@ def bench_c64_threads(
     warm, measured = split(encode_calls(scenario, warmup)), split(encode_calls(scenario, n))
     socks = [connect(runner.path) for _ in range(conns)]
     lats: list[list[int]] = [[] for _ in range(conns)]
-    asks = [0] * conns
+    asks = [(0, 0)] * conns
     errors: list[BaseException] = []
     barrier = threading.Barrier(conns + 1)
 
@@ -610,11 +795,12 @@ def bench_c64_threads(
         t.start()
     with contextlib.suppress(threading.BrokenBarrierError):
         barrier.wait()  # every connection warmed up
-    cpu0, ccpu0, t0 = runner.cpu_s(), client_cpu(), time.perf_counter()
+    cpu0, ccpu0, rcpu0 = runner.cpu_s(), client_cpu(), runner.redis_cpu_s()
+    t0 = time.perf_counter()
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
-    cpu1, ccpu1 = runner.cpu_s(), client_cpu()
+    cpu1, ccpu1, rcpu1 = runner.cpu_s(), client_cpu(), runner.redis_cpu_s()
     for s in socks:
         s.close()
     if errors:
@@ -622,19 +808,23 @@ def bench_c64_threads(
     runner.check_alive()
     lat = [x for part in lats for x in part]
     return Point(
-        scenario.name, conns, n, wall, lat, cpu1 - cpu0, ccpu1 - ccpu0, sum(asks), runner.rss_kib()
-    )
+        scenario.name, conns, n, wall, lat, cpu1 - cpu0, ccpu1 - ccpu0,
+        sum(a for a, _ in asks), runner.rss_kib(), sum(q for _, q in asks), rcpu1 - rcpu0,
+    )  # fmt: skip
 
 
 # --- setup through the driver, and the report ---------------------------------------------------
 
 
-def recording_answer(body: bytes, asked: list[ExtraInfo]) -> Answer:
-    """The driver's answer callback: the body for ReqBody, no value otherwise; records each."""
+def recording_answer(scenario: Scenario, asked: list[ExtraInfo]) -> Answer:
+    """The driver's answer callback: the body for ReqBody, the scenario's variables (else no
+    value) for Var; records each question."""
 
     async def answer(info: ExtraInfo) -> bytes | None:
         asked.append(info)
-        return body if isinstance(info, codec.ReqBody) else None
+        if isinstance(info, codec.ReqBody):
+            return scenario.body
+        return scenario.var_value(info.name) if isinstance(info, codec.Var) else None
 
     return answer
 
@@ -644,9 +834,8 @@ async def prepare_and_check(runner: RunnerProcess, scenarios: list[Scenario]) ->
     for sc in scenarios:
         conn = await RunnerConnection.open(runner.path)
         try:
-            sc.token = await conn.prepare(
-                sc.conf, f"route#routes#bench-{sc.name}#ext-plugin-pre-req#1"
-            )
+            phase = "ext-plugin-post-req" if sc.rewrite else "ext-plugin-pre-req"
+            sc.token = await conn.prepare(sc.conf, f"route#routes#{sc.route}#{phase}#1")
         finally:
             await conn.close()
         asked: list[ExtraInfo] = []
@@ -659,17 +848,36 @@ async def prepare_and_check(runner: RunnerProcess, scenarios: list[Scenario]) ->
                     method=Method.POST,
                     path="/v1/chat/completions",
                     src_ip=bytes((127, 0, 0, 1)),
-                    headers=[*HEADERS, ("content-length", str(len(sc.body)))],
+                    headers=[*(sc.headers or HEADERS), ("content-length", str(len(sc.body)))],
                 ),
-                recording_answer(sc.body, asked),
+                recording_answer(sc, asked),
             )
         finally:
             await conn.close()
-        want = [codec.ReqBody()] if sc.asks_body else []
-        if resp.action is not None or asked != want:
-            raise BenchError(
-                f"{sc.name}: driver check got action {resp.action!r} after questions {asked!r}"
-            )
+        bodies = sum(isinstance(q, codec.ReqBody) for q in asked)
+        if len(asked) != sc.questions or bodies != int(sc.asks_body):
+            raise BenchError(f"{sc.name}: driver check asked {asked!r}")
+        if not sc.rewrite:
+            if resp.action is not None:
+                raise BenchError(f"{sc.name}: driver check got action {resp.action!r}")
+            continue
+        rewrite = check_rewrite(
+            codec.frame(MsgType.RPC_HTTP_REQ_CALL, codec.encode_http_req_call_resp(resp)), 0
+        )
+        headers = dict(rewrite.headers)
+        # The router set the request id the signature is bound to (the call sent none).
+        request_id = headers.get("x-request-id") or ""
+        try:
+            targets = verify_route(BENCH_ROUTE_KEY.encode(), request_id, headers.get(ROUTE_HEADER))
+        except Exception as exc:  # noqa: BLE001 - any refusal is a wrong answer
+            raise BenchError(f"{sc.name}: the route signature does not verify: {exc}") from None
+        if rewrite.body:
+            raise BenchError(f"{sc.name}: the clean prompt's body was rewritten")
+        print(f"{sc.name}: driver check: Rewrite, signed route {','.join(targets)}")
+
+
+def redis_us(p: Point) -> str:
+    return f"{p.redis_cpu_s / p.calls * 1e6:.1f}" if p.redis_cpu_s else "-"
 
 
 def verdict(ok: bool) -> str:
@@ -680,7 +888,8 @@ def report(points: list[Point], rss_before: int, rss_after: int, client64: str) 
     cols = (
         f"{'scenario':<14} {'conc':>4} {'calls':>6} {'calls/s':>8} {'p50 ms':>7} {'p99 ms':>7} "
         f"{'max ms':>7} {'runner CPU':>10} {'calls/CPU-s':>11} {'client us/call':>14} "
-        f"{'body asked':>10} {'RSS MiB':>7} {'same CPU':>8}"
+        f"{'body asked':>10} {'vars asked':>10} {'redis us/call':>13} {'RSS MiB':>7} "
+        f"{'same CPU':>8}"
     )
     print(cols)
     print("-" * len(cols))
@@ -690,7 +899,8 @@ def report(points: list[Point], rss_before: int, rss_after: int, client64: str) 
             f"{p.scenario:<14} {p.concurrency:>4} {p.calls:>6} {p.rate:>8,.0f} "
             f"{p.pct_ms(0.50):>7.3f} {p.pct_ms(0.99):>7.3f} {p.pct_ms(1.0):>7.3f} "
             f"{busy:>9.0f}% {p.per_cpu_s:>11,.0f} {p.client_cpu_s / p.calls * 1e6:>14.1f} "
-            f"{p.body_asks:>10} {p.rss_after_kib / 1024:>7.1f} "
+            f"{p.body_asks:>10} {p.questions - p.body_asks:>10} "
+            f"{redis_us(p):>13} {p.rss_after_kib / 1024:>7.1f} "
             f"{'-' if p.same_cpu is None else f'{p.same_cpu:.0%}':>8}"
         )
     print()
@@ -721,7 +931,8 @@ def report(points: list[Point], rss_before: int, rss_after: int, client64: str) 
     print(
         "runner CPU = user+system time of the runner process / wall time of the measured calls; "
         f"client (load generator) for concurrency 64: {client64}; same CPU = share of samples "
-        "(every 256 calls) in which the runner last ran on the client's CPU (nothing is pinned)"
+        "(every 256 calls) in which the runner last ran on the client's CPU (nothing is pinned); "
+        "redis us/call = CPU of the quota store's Redis server per call"
     )
 
 
@@ -737,13 +948,31 @@ def main(argv: list[str] | None = None) -> int:
         default="uvloop",
         help="load generator for concurrency 64 (default uvloop)",
     )
+    parser.add_argument(
+        "--scenario",
+        action="append",
+        choices=SCENARIOS,
+        help="run only this scenario (repeatable; default all)",
+    )
+    parser.add_argument(
+        "--conc",
+        action="append",
+        type=int,
+        choices=(1, 64),
+        help="run only this concurrency (repeatable; default 1 and 64)",
+    )
     args = parser.parse_args(argv)
     calls = args.calls or (300 if args.quick else 10_000)
     warmup = 100 if args.quick else 2_000
     if calls < 1:
         parser.error("--calls must be positive")
 
-    body = orjson.dumps(CHAT_BODY)
+    body, chain_body = orjson.dumps(CHAT_BODY), orjson.dumps(FULL_CHAIN_BODY)
+    try:
+        chain = full_chain_conf()
+    except (BenchError, OSError, KeyError, TypeError, yaml.YAMLError) as exc:
+        print(f"error: the shipped chat route's chain: {exc!r}", file=sys.stderr)
+        return 1
     scenarios = [
         Scenario("empty", [], body, asks_body=False),
         Scenario(
@@ -752,7 +981,23 @@ def main(argv: list[str] | None = None) -> int:
             body,
             asks_body=True,
         ),
+        Scenario(
+            "full-chain",
+            chain,
+            chain_body,
+            asks_body=True,
+            vars={"consumer_name": BENCH_CONSUMER},
+            questions=2,  # consumer_name and the body; route_id comes from PrepareConf's key
+            rewrite=True,
+            route=CHAT_ROUTE,
+            headers=POST_REQ_HEADERS,
+        ),
     ]
+    assert tuple(sc.name for sc in scenarios) == SCENARIOS
+    if args.scenario:
+        scenarios = [sc for sc in scenarios if sc.name in args.scenario]
+    concurrencies = sorted(set(args.conc or (1, 64)))
+    needs_redis = any(sc.name == "full-chain" for sc in scenarios)
     c64: Callable[[RunnerProcess, Scenario, int, int, int], Point] = (
         bench_c64_uvloop if args.client64 == "uvloop" else bench_c64_threads
     )
@@ -760,10 +1005,27 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"deepgate runner benchmark, {started}; python {sys.version.split()[0]}, "
         f"{os.cpu_count()} CPUs; {calls:,} measured calls per point after {warmup:,} warm-up; "
-        f"body {len(body):,} bytes"
+        f"body {len(body):,} bytes (full-chain: {len(chain_body):,}, model 'auto')"
     )
-    with tempfile.TemporaryDirectory(prefix="bench-runner-") as tmp:
-        runner = RunnerProcess(Path(tmp))
+    with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-runner-"))
+        extra_env = {
+            "DEEPGATE_ROUTE_KEY": BENCH_ROUTE_KEY,
+            # The router's background ProviderStats refresh finds no sidecar here (a closed
+            # port), whatever else runs on this machine: routes keep the configured order.
+            "DEEPGATE_SIDECAR_GRPC": "127.0.0.1:9",
+        }
+        redis: EmbeddedRedis | None = None
+        if needs_redis:
+            try:
+                redis = stack.enter_context(EmbeddedRedis())
+            except EmbeddedRedisError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 1
+            extra_env["DEEPGATE_REDIS_URL"] = redis.url
+        runner = RunnerProcess(Path(tmp), extra_env)
+        if redis is not None and redis._proc is not None:
+            runner.redis_pid = redis._proc.pid
         try:
             runner.wait_ready()
             import uvloop
@@ -771,8 +1033,8 @@ def main(argv: list[str] | None = None) -> int:
             uvloop.run(prepare_and_check(runner, scenarios))
             rss_before = runner.rss_kib()
             points: list[Point] = []
-            # Interleaved so that both scenarios see the same machine state at each concurrency.
-            for conc in (1, 64):
+            # Interleaved so that the scenarios see the same machine state at each concurrency.
+            for conc in concurrencies:
                 for sc in scenarios:
                     if conc == 1:
                         points.append(bench_c1(runner, sc, warmup, calls))
@@ -781,6 +1043,7 @@ def main(argv: list[str] | None = None) -> int:
             rss_after = runner.rss_kib()
         except BenchError as exc:
             print(f"error: {exc}", file=sys.stderr)
+            print(f"runner log (last 2,000 characters):\n{runner.tail()}", file=sys.stderr)
             runner.stop()
             return 1
         status = runner.stop()

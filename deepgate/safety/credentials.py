@@ -66,10 +66,8 @@ DEFAULT_KINDS: tuple[str, ...] = tuple(v for v in LABELS.values() if v not in OF
 def _plugin_classes() -> dict[str, Any]:
     from detect_secrets.core.plugins.util import get_mapping_from_secret_type_to_class
 
-    classes: dict[str, Any] = {
-        cls.__name__: cls for cls in get_mapping_from_secret_type_to_class().values()
-    }
-    return classes
+    mapping: dict[str, Any] = get_mapping_from_secret_type_to_class()
+    return {plugin.__name__: plugin for plugin in mapping.values()}
 
 
 @dataclass(frozen=True, slots=True)

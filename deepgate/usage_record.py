@@ -1,9 +1,10 @@
-"""One usage record per answered (or failed) chat request: the ledger's row, the quota's truth.
+"""One usage record per answered (or refused) chat request: the ledger's row, the quota's truth.
 
-The sidecar builds it when a request ends and publishes it to a Redis stream
-(``STREAM``); ``deepgate ledger`` writes the records to the ledger database, keyed by request id
-so a record delivered twice is written once; the policy plugin's quota reconciliation replaces
-the reservation it made before the call with the record's real token counts and cost.
+The sidecar builds it when a request ends and publishes it to a Redis stream (``STREAM``); the
+plugin runner does the same for the requests it answers itself (cache hits, refusals).
+``deepgate ledger`` writes the records to the ledger database, keyed by request id so a record
+delivered twice is written once; the policy plugin's quota reconciliation replaces the
+reservation it made before the call with the record's real token counts and cost.
 
 Records carry counts, names and timings only: never a prompt, an answer or a key.
 """
@@ -17,6 +18,10 @@ import orjson
 
 STREAM = "deepgate:usage"
 """The Redis stream the sidecar appends records to (field ``record``: the JSON below)."""
+
+MAXLEN_ENV = "DEEPGATE_USAGE_STREAM_MAXLEN"
+DEFAULT_MAXLEN = 100_000
+"""Records the stream keeps (approximately: Redis trims whole nodes): about 41 MB of Redis."""
 
 
 @dataclass(slots=True)

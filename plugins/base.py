@@ -163,6 +163,10 @@ class RequestContext:
                 ) from None
         return self._json
 
+    def parsed_json(self) -> Any:
+        """The body as parsed so far by the chain, or ``None`` (never asks APISIX)."""
+        return None if self._json is _UNSET else self._json
+
     def replace_json(self, value: Any) -> None:
         """Replace the whole parsed body (the next plugins see the new one)."""
         self._json = value

@@ -36,6 +36,7 @@ from plugins.base import PluginSpec, RequestContext, ResponseContext, error_stop
 from plugins.runner import codec
 from plugins.runner.codec import ErrCode, ExtraInfo, MsgType, ProtocolError
 from plugins.runner.conf_cache import ConfCache, ConfKey, PreparedConf, PreparedPlugin
+from plugins.usage import StopPublisher
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,7 @@ class Runner:
     def __init__(self, registry: dict[str, PluginSpec], conf_expire_s: float = 3600.0) -> None:
         self.registry = registry
         self.confs = ConfCache(conf_expire_s)
+        self.usage = StopPublisher.from_env()  # records for the requests the chain answers
         self._server: asyncio.AbstractServer | None = None
         self._connections: set[asyncio.Task[None]] = set()
         self._busy = 0
@@ -108,6 +110,7 @@ class Runner:
         if self._path is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._path)
+        await self.usage.close()
 
     # --- one connection ---------------------------------------------------------------------
 
@@ -283,8 +286,11 @@ class _Connection:
             if conf.route_id is not None:
                 ctx.know_var("route_id", conf.route_id)
             await ctx.prefetch(conf.prefetch_vars, conf.prefetch_body)
+            started = time.perf_counter()
             with request_scope(ctx.request_id):
                 action = await self._run_request_chain(ctx, conf)
+            if isinstance(action, codec.Stop):
+                self.runner.usage.publish(ctx, action, started)
         if action is None:
             return codec.no_action_frame(req.id)
         resp = codec.HTTPReqCallResp(id=req.id, action=action)

@@ -32,16 +32,13 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from redis.exceptions import RedisError
 
 from deepgate.catalog import Catalog, load_catalog
-from deepgate.usage_record import STREAM, UsageRecord
+from deepgate.usage_record import DEFAULT_MAXLEN, MAXLEN_ENV, STREAM, UsageRecord
 from sidecar.answer_hooks import AnswerHook, Exchange, usage_record
 from sidecar.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
 REDIS_ENV = "DEEPGATE_REDIS_URL"
-MAXLEN_ENV = "DEEPGATE_USAGE_STREAM_MAXLEN"
-DEFAULT_MAXLEN = 100_000
-"""Records the stream keeps (approximately: Redis trims whole nodes): about 41 MB of Redis."""
 
 
 class UsageMetrics:

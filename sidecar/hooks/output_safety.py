@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
@@ -44,6 +45,12 @@ FindingSink = Callable[[Finding, Action], None]
 # private key) are held from their start while they are still open, see ``ScanWindow``.
 HOLD_CHARS: dict[str, int] = {"secrets": 256, "personal_data": 96, "injection": 256}
 DEFAULT_HOLD = 256
+# The named secret detectors never match across whitespace (keys, tokens, URLs; a PEM block is
+# caught by its header and then held open): with only them, a stream need hold back no more
+# than its unfinished last word, so the answer still streams word by word. The keyword detector
+# (``secret_keyword``: ``password = ...``) matches across spaces, so it keeps the full hold.
+WORD_BOUNDED = frozenset({"secrets"})
+_LAST_WORD = re.compile(r"\S*\Z")
 STEP_CHARS = 48  # release in steps of at least this much: one scan per step, not per token
 MAX_BUFFER = 8192  # a 4096-bit RSA key in PEM is ~3,300 characters
 _MAX_CONFIGS = 64
@@ -87,8 +94,10 @@ class ScanWindow:
         step: int = STEP_CHARS,
         max_buffer: int = MAX_BUFFER,
         sink: FindingSink | None = None,
+        word_bounded: bool = False,
     ) -> None:
         self.scan = scan
+        self.word_bounded = word_bounded
         self.actions = actions
         self.hold = hold
         self.step = step
@@ -101,9 +110,19 @@ class ScanWindow:
     async def feed(self, text: str) -> str:
         self.buf += text
         self.peak = max(self.peak, len(self.buf))
-        if len(self.buf) < self.hold + self.step:
+        if self.word_bounded:  # release each finished word (see WORD_BOUNDED)
+            if len(self.buf) <= self._held():
+                return ""
+        elif len(self.buf) < self.hold + self.step:
             return ""
         return await self._release(final=False)
+
+    def _held(self) -> int:
+        """How much of the buffer's end must wait for what comes next."""
+        if not self.word_bounded:
+            return self.hold
+        tail = _LAST_WORD.search(self.buf)
+        return min(self.hold, len(tail.group()) if tail else 0)
 
     async def flush(self) -> str:
         if not self.buf:
@@ -138,7 +157,7 @@ class ScanWindow:
 
     def _cut(self, spans: list[Finding]) -> int:
         """How much of the buffer may go out now (see the class docstring)."""
-        cut = len(self.buf) - self.hold
+        cut = len(self.buf) - self._held()
 
         def still_open(f: Finding) -> bool:  # it may go on in the next piece
             return f.end >= len(self.buf) and len(self.buf) < self.max_buffer
@@ -156,6 +175,13 @@ class ScanWindow:
         return cut
 
 
+def _word_bounded(detector: Detector) -> bool:
+    if detector.name not in WORD_BOUNDED:
+        return False
+    labels = [label for label, _ in getattr(detector, "plugins", ())]
+    return "secret_keyword" not in labels
+
+
 def _clip(f: Finding, end: int) -> Finding:
     return f if f.end <= end else Finding(f.detector, f.label, f.start, end, f.score)
 
@@ -167,6 +193,7 @@ class OutputDetectors:
         self.detectors = tuple(detectors)
         self.actions: dict[str, Action] = {d.name: d.action for d in self.detectors}
         self.hold = max((HOLD_CHARS.get(d.name, DEFAULT_HOLD) for d in self.detectors), default=0)
+        self.word_bounded = all(_word_bounded(d) for d in self.detectors)
 
     def scan_sync(self, text: str) -> list[Finding]:
         return [f for d in self.detectors for f in d.scan(text)]
@@ -263,7 +290,14 @@ class OutputSafety(AnswerHook):
         sink = self._sink(ex)
 
         def window() -> ScanWindow:
-            return ScanWindow(dets.scan, dets.actions, dets.hold, self.step, sink=sink)
+            return ScanWindow(
+                dets.scan,
+                dets.actions,
+                dets.hold,
+                self.step,
+                sink=sink,
+                word_bounded=dets.word_bounded,
+            )
 
         streams = _StreamWindows(window)
         last: dict[str, Any] = {}

@@ -303,3 +303,40 @@ async def test_a_finding_overlapping_an_open_one_is_held_whole() -> None:
     assert "KEY-" not in first + rest
     assert "TAIL" not in first + rest
     assert (first + rest).startswith("x" * 30 + "[REDACTED:KEY]. and")
+
+
+# --- secrets only: the stream goes out word by word -------------------------------------------
+
+
+async def test_with_secrets_only_a_short_answer_still_streams_word_by_word() -> None:
+    words = ["One", " two", " three", " four", " five."]
+    hooks = AnswerHooks([OutputSafety()])
+    out = [c async for c in hooks.stream(exchange(REDACT), feed(stream_of(words)))]
+    texts = [c["choices"][0]["delta"].get("content") for c in out if c.get("choices")]
+    sent = [t for t in texts if t]
+    assert "".join(sent) == "".join(words)
+    assert len(sent) >= 4  # not held back to the end: each finished word goes out
+
+
+async def test_word_by_word_still_catches_a_key_split_inside_and_a_pem_block() -> None:
+    assert OutputDetectors(build_detectors(REDACT)).word_bounded
+    pem = (
+        "-----BEGIN RSA PRIVATE KEY-----\n"
+        "MIIEpAIBAAKCAQEA3Tz2mr7SZiAMfQyuvBjM9Oi4NHTl6HxtKw0VJJ8K0sZ7nYtL\n"
+        "-----END RSA PRIVATE KEY-----"
+    )
+    text = f"Here it is: {AWS} and the key {pem} done."
+    parts = [text[i : i + 5] for i in range(0, len(text), 5)]  # cuts inside every word
+    sent = await run_stream(OutputSafety(), exchange(REDACT), stream_of(parts))
+    assert AWS[4:12] not in sent
+    assert "MIIEpAIBAAKCAQEA" not in sent
+    assert sent.startswith("Here it is: ")
+    assert sent.endswith(" done.")
+
+
+def test_the_keyword_detector_keeps_the_full_hold() -> None:
+    keyword = {"secrets": {"action": "redact", "kinds": ["aws_key", "secret_keyword"]}}
+    assert not OutputDetectors(build_detectors(keyword)).word_bounded
+    assert not OutputDetectors(
+        build_detectors({"personal_data": {"action": "redact"}})
+    ).word_bounded

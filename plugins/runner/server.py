@@ -36,7 +36,8 @@ from plugins.base import PluginSpec, RequestContext, ResponseContext, error_stop
 from plugins.runner import codec
 from plugins.runner.codec import ErrCode, ExtraInfo, MsgType, ProtocolError
 from plugins.runner.conf_cache import ConfCache, ConfKey, PreparedConf, PreparedPlugin
-from plugins.usage import StopPublisher
+from plugins.usage import record_for
+from sidecar.hooks.usage import UsagePublisher
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,8 @@ class Runner:
     def __init__(self, registry: dict[str, PluginSpec], conf_expire_s: float = 3600.0) -> None:
         self.registry = registry
         self.confs = ConfCache(conf_expire_s)
-        self.usage = StopPublisher.from_env()  # records for the requests the chain answers
+        # Usage records of the requests the chain answers itself (none without Redis).
+        self.usage = UsagePublisher.for_env()
         self._server: asyncio.AbstractServer | None = None
         self._connections: set[asyncio.Task[None]] = set()
         self._busy = 0
@@ -110,7 +112,8 @@ class Runner:
         if self._path is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._path)
-        await self.usage.close()
+        if self.usage is not None:
+            await self.usage.close()
 
     # --- one connection ---------------------------------------------------------------------
 
@@ -289,8 +292,8 @@ class _Connection:
             started = time.perf_counter()
             with request_scope(ctx.request_id):
                 action = await self._run_request_chain(ctx, conf)
-            if isinstance(action, codec.Stop):
-                self.runner.usage.publish(ctx, action, started)
+            if isinstance(action, codec.Stop) and self.runner.usage is not None:
+                self.runner.usage.submit(record_for(ctx, action, started))
         if action is None:
             return codec.no_action_frame(req.id)
         resp = codec.HTTPReqCallResp(id=req.id, action=action)

@@ -93,22 +93,36 @@ class UsagePublisher(AnswerHook):
         cls, catalog: Catalog | None = None, metrics: Metrics | None = None
     ) -> list[AnswerHook]:
         """The hook when ``DEEPGATE_REDIS_URL`` is set; none (and one log line) otherwise."""
-        url = os.environ.get(REDIS_ENV)
-        if not url:
+        publisher = cls.for_env(catalog, metrics)
+        if publisher is None:
             log.warning("usage records are not published (no ledger): %s is not set", REDIS_ENV)
             return []
+        log.info(
+            "usage records go to the Redis stream %s (about %d kept)", STREAM, publisher.maxlen
+        )
+        return [publisher]
+
+    @classmethod
+    def for_env(
+        cls, catalog: Catalog | None = None, metrics: Metrics | None = None
+    ) -> UsagePublisher | None:
+        """A publisher to ``DEEPGATE_REDIS_URL``, or ``None`` when it is not set."""
+        url = os.environ.get(REDIS_ENV)
+        if not url:
+            return None
         raw = os.environ.get(MAXLEN_ENV) or str(DEFAULT_MAXLEN)
         if not raw.isdigit() or int(raw) < 1:
             raise ValueError(
                 f"{MAXLEN_ENV}={raw!r}: give the number of records to keep, e.g. 100000"
             )
-        maxlen = int(raw)
         client = aioredis.Redis.from_url(url, socket_timeout=5.0, socket_connect_timeout=2.0)
-        log.info("usage records go to the Redis stream %s (about %d kept)", STREAM, maxlen)
-        return [cls(client, catalog or load_catalog(), metrics=metrics, maxlen=maxlen)]
+        return cls(client, catalog or load_catalog(), metrics=metrics, maxlen=int(raw))
 
     async def on_finish(self, ex: Exchange) -> None:
-        record = usage_record(ex, self.catalog)
+        self.submit(usage_record(ex, self.catalog))
+
+    def submit(self, record: UsageRecord) -> None:
+        """Queue ``record`` for the stream; never waits (a full queue counts a loss)."""
         try:
             self.queue.put_nowait(record)
         except asyncio.QueueFull:

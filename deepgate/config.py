@@ -9,6 +9,7 @@ Errors name the file, the path inside it and what to change.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -82,3 +83,16 @@ def load_model(path: str | Path, model: type[M]) -> M:
         return model.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(f"{path}: {describe_validation_error(exc)}") from None
+
+
+DATA_DIR_ENV = "DEEPGATE_DATA_DIR"
+
+
+def local_dsn(env: str, filename: str) -> str:
+    """The DSN in variable ``env``, else ``sqlite://`` + ``filename`` under ``DEEPGATE_DATA_DIR``
+    (``./run``): where one machine keeps its embedded databases (vectors, the usage ledger)."""
+    explicit = os.environ.get(env, "").strip()
+    if explicit:
+        return explicit
+    data_dir = Path(os.environ.get(DATA_DIR_ENV, "") or "run")
+    return f"sqlite://{data_dir.resolve() / filename}"

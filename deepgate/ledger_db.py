@@ -15,7 +15,6 @@ as text so the totals group the same way on both databases.
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -24,6 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
+from deepgate.config import local_dsn
 from deepgate.usage_record import UsageRecord
 
 DSN_ENV = "DEEPGATE_LEDGER_DSN"
@@ -273,11 +273,7 @@ class PostgresLedger(_SqlLedger):
 
 def default_dsn() -> str:
     """``DEEPGATE_LEDGER_DSN``, else ``ledger.db`` under ``DEEPGATE_DATA_DIR`` (``./run``)."""
-    explicit = os.environ.get(DSN_ENV, "").strip()
-    if explicit:
-        return explicit
-    data_dir = Path(os.environ.get("DEEPGATE_DATA_DIR", "") or "run")
-    return f"sqlite://{data_dir.resolve() / 'ledger.db'}"
+    return local_dsn(DSN_ENV, "ledger.db")
 
 
 def open_ledger(dsn: str) -> LedgerDB:

@@ -22,11 +22,11 @@ Errors raised here (all ``VectorStoreError``)::
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
+
+from deepgate.config import local_dsn
 
 __all__ = [
     "CollectionNotFound",
@@ -144,11 +144,7 @@ def check_dimension(name: str, dim: int, vector: list[float], what: str) -> None
 
 def default_dsn() -> str:
     """``DEEPGATE_VECTOR_DSN``, else a SQLite file under ``DEEPGATE_DATA_DIR`` (``./run``)."""
-    explicit = os.environ.get("DEEPGATE_VECTOR_DSN", "").strip()
-    if explicit:
-        return explicit
-    data_dir = Path(os.environ.get("DEEPGATE_DATA_DIR", "") or "run")
-    return f"sqlite://{data_dir.resolve() / 'vectors.db'}"
+    return local_dsn("DEEPGATE_VECTOR_DSN", "vectors.db")
 
 
 def open_store(dsn: str) -> VectorStore:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -143,15 +144,16 @@ class LedgerDB(Protocol):
     def close(self) -> None: ...
 
 
-class _SqlLedger:
+class _SqlLedger(ABC):
     """The SQL both databases share; subclasses supply the connection and the placeholder."""
 
     dsn: str
     mark = "?"
     float_type = "REAL"
 
+    @abstractmethod
     def _conn(self) -> Any:
-        raise NotImplementedError
+        """The open connection (opened on first use)."""
 
     def ensure_schema(self) -> None:
         conn = self._conn()
@@ -313,8 +315,6 @@ def _errors(dsn: str, doing: str) -> Iterator[None]:
 def _is_db_error(exc: BaseException) -> bool:
     if isinstance(exc, sqlite3.Error | OSError):
         return True
-    try:
-        import psycopg
-    except ImportError:  # pragma: no cover - psycopg is a dependency
-        return False
+    import psycopg  # imported when an error needs sorting, not by every SQLite-only writer
+
     return isinstance(exc, psycopg.Error)

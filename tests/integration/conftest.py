@@ -16,7 +16,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from plugins.base import PluginConfig, PluginSpec, RequestContext, ResponseConte
 from plugins.registry import build_registry
 from plugins.runner import codec
 from plugins.runner.server import Runner
+from tests.fakes.openai_server import FakeOpenAI
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -257,3 +259,44 @@ async def run_call(
 def stop_json(resp: codec.HTTPReqCallResp) -> tuple[int, dict[str, Any], dict[str, str | None]]:
     assert isinstance(resp.action, codec.Stop), resp.action
     return resp.action.status, orjson.loads(resp.action.body), dict(resp.action.headers)
+
+
+# --- a sidecar with the real pool ---------------------------------------------------------------
+
+
+@asynccontextmanager
+async def started_pool_sidecar(
+    route_key: bytes, hooks: Callable[[Any], list[Any]] = lambda inference: []
+) -> AsyncIterator[tuple[Any, FakeOpenAI]]:
+    """A role-``all`` sidecar on free ports: the pool's real models in process, a fake DeepSeek
+    as its only provider, ``hooks(inference)`` as its answer hooks. Yields (sidecar, deepseek)."""
+    from sidecar.answer_hooks import AnswerHooks
+    from sidecar.app import Sidecar, build_local_inference, build_providers
+    from sidecar.config import load_config
+    from sidecar.metrics import Metrics
+
+    deepseek = await FakeOpenAI("deepseek").start()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DEEPSEEK_API_KEY", "sk-ds")
+        mp.setenv("DEEPSEEK_BASE_URL", deepseek.url)
+        config = load_config()
+        providers = {k: v for k, v in build_providers(config).items() if k == "deepseek"}
+    metrics = Metrics()
+    inference = await asyncio.to_thread(build_local_inference, config, metrics)
+    sidecar = Sidecar(
+        config,
+        "all",
+        http_address=("127.0.0.1", 0),
+        grpc_address="127.0.0.1:0",
+        providers=providers,
+        route_key=route_key,
+        inference=inference,
+        metrics=metrics,
+        hooks=AnswerHooks(hooks(inference)),
+    )
+    await sidecar.start()
+    try:
+        yield sidecar, deepseek
+    finally:
+        await sidecar.stop()
+        await deepseek.stop()

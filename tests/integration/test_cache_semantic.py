@@ -27,13 +27,10 @@ from plugins.registry import REGISTRY
 from plugins.runner import codec
 from plugins.runner.server import Runner
 from plugins.sidecar_link import LINK
-from sidecar.answer_hooks import AnswerHooks
-from sidecar.app import Sidecar, build_local_inference, build_providers
-from sidecar.config import load_config
+from sidecar.app import Sidecar
 from sidecar.hooks.cache_write import CacheWrite
-from sidecar.metrics import Metrics
 from tests.fakes.openai_server import FakeOpenAI
-from tests.integration.conftest import call, prepare, run_call
+from tests.integration.conftest import call, prepare, run_call, started_pool_sidecar
 
 KEY = b"cache-semantic-route-key"
 ASKED = "What is the boiling point of water at sea level?"
@@ -94,30 +91,16 @@ class Setup:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def pool_sidecar() -> AsyncIterator[tuple[Sidecar, CacheWrite, FakeOpenAI]]:
-    deepseek = await FakeOpenAI("deepseek").start()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DEEPSEEK_API_KEY", "sk-ds")
-        mp.setenv("DEEPSEEK_BASE_URL", deepseek.url)
-        config = load_config()
-        providers = {k: v for k, v in build_providers(config).items() if k == "deepseek"}
-    metrics = Metrics()
-    inference = await asyncio.to_thread(build_local_inference, config, metrics)
-    hook = CacheWrite(inference)
-    sidecar = Sidecar(
-        config,
-        "all",
-        http_address=("127.0.0.1", 0),
-        grpc_address="127.0.0.1:0",
-        providers=providers,
-        route_key=KEY,
-        inference=inference,
-        metrics=metrics,
-        hooks=AnswerHooks([hook]),
-    )
-    await sidecar.start()
-    yield sidecar, hook, deepseek
-    await sidecar.stop()
-    await deepseek.stop()
+    hook: CacheWrite | None = None
+
+    def hooks(inference: Any) -> list[Any]:
+        nonlocal hook
+        hook = CacheWrite(inference)
+        return [hook]
+
+    async with started_pool_sidecar(KEY, hooks) as (sidecar, deepseek):
+        assert hook is not None
+        yield sidecar, hook, deepseek
 
 
 @pytest_asyncio.fixture(loop_scope="module")

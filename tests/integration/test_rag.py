@@ -25,12 +25,9 @@ from plugins.registry import REGISTRY
 from plugins.runner import codec
 from plugins.runner.server import Runner
 from plugins.sidecar_link import LINK
-from sidecar.answer_hooks import AnswerHooks
-from sidecar.app import Sidecar, build_local_inference, build_providers
-from sidecar.config import load_config
-from sidecar.metrics import Metrics
+from sidecar.app import Sidecar
 from tests.fakes.openai_server import FakeOpenAI
-from tests.integration.conftest import call, prepare, run_call, stop_json
+from tests.integration.conftest import call, prepare, run_call, started_pool_sidecar, stop_json
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -89,34 +86,13 @@ class Rag:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def rag(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Rag]:
-    deepseek = await FakeOpenAI("deepseek").start()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DEEPSEEK_API_KEY", "sk-ds")
-        mp.setenv("DEEPSEEK_BASE_URL", deepseek.url)
-        config = load_config()
-        providers = {k: v for k, v in build_providers(config).items() if k == "deepseek"}
-    metrics = Metrics()
-    inference = await asyncio.to_thread(build_local_inference, config, metrics)
-    sidecar = Sidecar(
-        config,
-        "all",
-        http_address=("127.0.0.1", 0),
-        grpc_address="127.0.0.1:0",
-        providers=providers,
-        route_key=KEY,
-        inference=inference,
-        metrics=metrics,
-        hooks=AnswerHooks([]),
-    )
-    await sidecar.start()
-    tmp = tmp_path_factory.mktemp("rag")
-    docs = tmp / "docs"
-    docs.mkdir()
-    (docs / "handbook.md").write_text(HANDBOOK)
-    (docs / "staging.txt").write_text(NOTES)
-    yield Rag(sidecar, deepseek, f"sqlite://{tmp / 'vectors.db'}", docs)
-    await sidecar.stop()
-    await deepseek.stop()
+    async with started_pool_sidecar(KEY) as (sidecar, deepseek):
+        tmp = tmp_path_factory.mktemp("rag")
+        docs = tmp / "docs"
+        docs.mkdir()
+        (docs / "handbook.md").write_text(HANDBOOK)
+        (docs / "staging.txt").write_text(NOTES)
+        yield Rag(sidecar, deepseek, f"sqlite://{tmp / 'vectors.db'}", docs)
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")

@@ -77,20 +77,13 @@ class RemoteInference:
             try:
                 reply = await call
             except grpc.aio.AioRpcError as err:
-                if err.code() in _UNREACHABLE:
-                    replica.down_until = time.monotonic() + DOWN_FOR_S
-                    last = ServiceUnavailable(
-                        "A pool replica is unreachable.", code="pool_unreachable"
-                    )
-                    continue
-                raise error_from_status(err) from None
+                last = _set_aside(replica, err)
+                continue
             for key, value in await call.trailing_metadata() or ():
                 if key == "deepgate-queue-depth" and str(value).isdigit():
                     replica.depth = int(value)
             return reply
-        raise last or ServiceUnavailable(
-            "No pool replica is reachable; retry shortly.", code="pool_unreachable"
-        )
+        raise last or _none_reachable()
 
     @staticmethod
     def _timeout(deadline: float | None) -> float | None:
@@ -134,13 +127,8 @@ class RemoteInference:
             try:
                 first = await call.read()
             except grpc.aio.AioRpcError as err:
-                if err.code() in _UNREACHABLE:
-                    replica.down_until = time.monotonic() + DOWN_FOR_S
-                    last = ServiceUnavailable(
-                        "A pool replica is unreachable.", code="pool_unreachable"
-                    )
-                    continue
-                raise error_from_status(err) from None
+                last = _set_aside(replica, err)
+                continue
             try:
                 message = first
                 while message is not grpc.aio.EOF:
@@ -155,10 +143,22 @@ class RemoteInference:
             finally:
                 call.cancel()  # a no-op once the call has ended
             return
-        raise last or ServiceUnavailable(
-            "No pool replica is reachable; retry shortly.", code="pool_unreachable"
-        )
+        raise last or _none_reachable()
 
     async def close(self) -> None:
         for channel in self._channels:
             await channel.close()
+
+
+def _set_aside(replica: Replica, err: grpc.aio.AioRpcError) -> ServiceUnavailable:
+    """A replica that cannot be reached sits out ``DOWN_FOR_S``; any other error is the call's."""
+    if err.code() not in _UNREACHABLE:
+        raise error_from_status(err) from None
+    replica.down_until = time.monotonic() + DOWN_FOR_S
+    return ServiceUnavailable("A pool replica is unreachable.", code="pool_unreachable")
+
+
+def _none_reachable() -> ServiceUnavailable:
+    return ServiceUnavailable(
+        "No pool replica is reachable; retry shortly.", code="pool_unreachable"
+    )

@@ -24,7 +24,7 @@ import orjson
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from deepgate.errors import AuthenticationFailed
+from deepgate.route_signature import gateway_only
 
 HEADER = "x-deepgate-facts"
 _KEY_LABEL = b"deepgate-facts-v1"
@@ -84,17 +84,9 @@ def unseal(route_key: bytes, request_id: str, value: str | None, now: float | No
             _aead(route_key).decrypt(nonce, sealed, request_id.encode())
         )
     except (ValueError, InvalidTag, orjson.JSONDecodeError):
-        raise _refused("the facts header does not verify") from None
+        raise gateway_only("the facts header does not verify") from None
     if int(payload.get("exp", 0)) < (time.time() if now is None else now):
-        raise _refused("the facts header has expired")
+        raise gateway_only("the facts header has expired")
     payload.pop("exp", None)
     facts: Facts = payload  # type: ignore[assignment]
     return facts
-
-
-def _refused(why: str) -> AuthenticationFailed:
-    return AuthenticationFailed(
-        f"This endpoint only serves requests passed by the gateway: {why}. Send requests "
-        "through APISIX, not to the sidecar directly.",
-        code="invalid_route_signature",
-    )

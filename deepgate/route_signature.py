@@ -40,25 +40,26 @@ def verify_route(
 ) -> list[str]:
     """The signed chain, or ``AuthenticationFailed`` when missing, forged or expired."""
     if not value:
-        raise _refused("the request carries no signed route")
+        raise gateway_only("the request carries no signed route")
     chain, _, rest = value.partition(";")
     fields = dict(part.partition("=")[::2] for part in rest.split(";") if part)
     try:
         exp = int(fields.get("exp", ""))
     except ValueError:
-        raise _refused("the route header is malformed") from None
+        raise gateway_only("the route header is malformed") from None
     expected = _mac(key, request_id, chain, exp)
     if not hmac.compare_digest(expected, fields.get("sig", "")):
-        raise _refused("the route signature does not match")
+        raise gateway_only("the route signature does not match")
     if exp < (time.time() if now is None else now):
-        raise _refused("the route signature has expired")
+        raise gateway_only("the route signature has expired")
     targets = [t for t in chain.split(",") if t]
     if not targets:
-        raise _refused("the signed route names no target")
+        raise gateway_only("the signed route names no target")
     return targets
 
 
-def _refused(why: str) -> AuthenticationFailed:
+def gateway_only(why: str) -> AuthenticationFailed:
+    """The refusal of a request that did not come through the gateway's plugin chain."""
     return AuthenticationFailed(
         f"This endpoint only serves requests routed by the gateway: {why}. Send requests "
         "through APISIX, not to the sidecar directly.",

@@ -15,9 +15,11 @@ from deepgate.safety import (
     Masker,
     build_detectors,
     merge_spans,
+    personal_data,
     redact,
     unmask,
 )
+from deepgate.safety.base import Scope
 from deepgate.safety.obfuscation import decode_blob
 
 BENIGN = [
@@ -192,6 +194,37 @@ def test_personal_data_checksum_failures_are_not_flagged(
     detectors: dict[str, Detector], text: str
 ) -> None:
     assert detectors["personal_data"].scan(text) == []
+
+
+PREFILTER_SAMPLES = [
+    "card 4111 1111 1111 1111 please",
+    "card 4111-1111-1111-1111 please",
+    "mail john.doe@example.com now",
+    "iban DE89 3704 0044 0532 0130 00 ok",
+    "IBAN:GB82WEST12345698765432",
+    "my ssn is 536-22-1234, or 536 22 1234",
+    "call +1 415 555 2671 tomorrow, or (604) 555-0123, or 020 7946 0958",
+    "server at 192.168.10.12 is down; fe80::1:2 and 2001:db8::ff00:42:8329 too",
+    "btc 1BoatSLRHtKNngkdXEeobR76b53LETtpyT or bc1qar0srrr7xfkvy5l643lydnw9re59gtzzwf5mdq",
+    "itin 912-70-1234, nhs 943 476 5919",
+    "order 48213-B shipped on the 3rd, size EU 43, 12 Harbour Lane",
+]
+
+
+@pytest.mark.parametrize("entity", sorted(personal_data.PATTERN_ENTITIES))
+@pytest.mark.parametrize("text", PREFILTER_SAMPLES)
+def test_prefilters_never_hide_what_the_recognizer_finds(entity: str, text: str) -> None:
+    recognizer = personal_data._recognizer(personal_data.PATTERN_ENTITIES[entity][0])
+    expected = sorted((r.start, r.end) for r in recognizer.analyze(text, [entity], None))
+    d = personal_data.PersonalDataDetector.build((entity,), 0.0, "block", Scope())
+    assert sorted((f.start, f.end) for f in d.scan(text)) == expected
+
+
+def test_one_gate_for_every_digit_led_prefilter() -> None:
+    gates = personal_data.gates(list(personal_data.DEFAULT_ENTITIES))
+    # one digit gate, then the literal-led ones: "@" (email) and ":" (IPv6)
+    assert [g.pattern[:5] for g in gates] == ["[0-9]", "@(?<=", "::?[0"]
+    assert not any(g.search("order 48213-B shipped on the 3rd, size EU 43") for g in gates)
 
 
 def test_personal_data_threshold_drops_weak_matches() -> None:

@@ -30,10 +30,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
 import orjson
-import redis.asyncio as aioredis
-from redis.exceptions import ConnectionError as RedisConnectionError
 
 from deepgate.chat import Dialect
+from deepgate.redis_wire import RedisWire
 from deepgate.secrets import SecretRef
 
 if TYPE_CHECKING:  # the vector store loads only where the semantic layer is configured
@@ -303,58 +302,22 @@ def answer_chunks(answer: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 class EntryStore:
-    """GET and SET of cache entries: the lookup is the one Redis round trip on the request path.
-
-    redis-py parses the URL, authenticates, selects the database and speaks the protocol; its
-    connections are kept in a plain list rather than its pool, whose locking costs more than
-    the GET itself here, and its socket timeout is the deadline (no extra task per call). A
-    connection the server closed while idle gets one retry on a fresh one.
-    """
+    """GET and SET of cache entries: the lookup is the one Redis round trip on the request path,
+    through ``deepgate.redis_wire`` (its deadline is the call's; a connection the server closed
+    while idle gets one retry on a fresh one)."""
 
     def __init__(self, url: str, timeout_s: float, max_idle: int = 64) -> None:
-        self._factory = aioredis.ConnectionPool.from_url(
-            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
-        )
-        self._idle: list[Any] = []
-        self._max_idle = max_idle
+        self._wire = RedisWire(url, timeout_s, max_idle=max_idle)
 
     async def get(self, key: str) -> bytes | None:
-        reply = await self._command("GET", key)
+        reply = await self._wire.call("GET", key)
         return reply if isinstance(reply, bytes) else None
 
     async def set(self, key: str, value: bytes, ttl_s: int) -> None:
-        await self._command("SET", key, value, "EX", ttl_s)
-
-    async def _command(self, *args: Any) -> Any:
-        reused = bool(self._idle)
-        try:
-            return await self._run(args)
-        except RedisConnectionError:
-            if not reused:
-                raise
-            return await self._run(args)  # an idle connection the server had closed
-
-    async def _run(self, args: tuple[Any, ...]) -> Any:
-        conn = self._idle.pop() if self._idle else self._factory.make_connection()  # type: ignore[no-untyped-call]
-        try:
-            if not conn.is_connected:
-                await conn.connect()
-            await conn.send_command(*args)
-            reply = await conn.read_response()
-        except BaseException:
-            await conn.disconnect()  # failed or cancelled mid-reply: its state is unknown
-            raise
-        if len(self._idle) < self._max_idle:
-            self._idle.append(conn)
-        else:
-            await conn.disconnect()
-        return reply
+        await self._wire.call("SET", key, value, "EX", ttl_s)
 
     async def close(self) -> None:
-        idle, self._idle = self._idle, []
-        for conn in idle:
-            await conn.disconnect()
-        await self._factory.disconnect()
+        await self._wire.close()
 
 
 _clients: weakref.WeakKeyDictionary[

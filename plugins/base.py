@@ -79,6 +79,7 @@ class RequestContext:
         "_vars",
         "body_changed",
         "call",
+        "deferred",
         "dialect",
         "facts",
         "on_stop",
@@ -109,6 +110,14 @@ class RequestContext:
         # What the chain learned, for later plugins and (sealed) for the sidecar.
         self.facts: Facts = Facts()
         self.on_stop: list[OnStop] = []
+        self.deferred: list[Awaitable[None]] = []
+
+    def defer(self, check: Awaitable[None]) -> None:
+        """Finish a check later: the chain goes on while ``check`` waits on I/O it has already
+        started (a quota reservation in Redis, say). The runner awaits it before the request is
+        forwarded or answered; a refusal it raises is the answer, ahead of anything a later
+        plugin decided, just as if the plugin had waited for it."""
+        self.deferred.append(check)
 
     def header(self, name: str) -> str | None:
         """The first value of a request header (names are lower-case on the wire)."""

@@ -9,10 +9,12 @@ For each chat request, in this order:
    of its groups' (403 naming the rule); provider, region and personal-data rules become facts
    for the router (``access.py``);
 3. quotas: the estimate (prompt tokens + the answer's budget, and its price) is reserved on every
-   budget the request draws on, in one Redis round trip (``deepgate/quota.py``). Over a limit:
-   429 with ``Retry-After``. Every response carries OpenAI's ``x-ratelimit-*`` headers. If a
-   later plugin stops the request, the reservation is released; otherwise the sidecar settles it
-   with the real usage (``sidecar/hooks/quota.py``).
+   budget the request draws on, in one Redis round trip (``deepgate/quota.py``). The rest of
+   the chain runs while Redis answers; the runner waits for the verdict before the request is
+   forwarded or answered, and a refusal comes first. Over a limit: 429 with ``Retry-After``.
+   Every response carries OpenAI's ``x-ratelimit-*`` headers. If a later plugin stops the
+   request, the reservation is released; otherwise the sidecar settles it with the real usage
+   (``sidecar/hooks/quota.py``).
 
 The quota store is shared by every route of the process (one connection pool per Redis URL), so
 counters are per consumer, group and model, not per route. When it cannot be reached,
@@ -25,6 +27,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable
+from dataclasses import dataclass
 
 from deepgate.chat import check_chat_body
 from deepgate.config import ConfigError
@@ -35,7 +39,9 @@ from deepgate.errors import (
     ServiceUnavailable,
 )
 from deepgate.quota import (
+    Counter,
     MemoryQuotaStore,
+    Outcome,
     QuotaStore,
     QuotaStoreUnavailable,
     RedisQuotaStore,
@@ -155,9 +161,9 @@ async def on_request(ctx: RequestContext, conf: Config) -> Stop | None:
     access.check_model(identity, alias)
     access.check_targets(identity, alias, conf)
 
+    _note_route(ctx, identity, await ctx.var("route_id"))
     found = quotas.budgets(identity, alias, conf)
     if not found:
-        _note_route(ctx, identity, await ctx.var("route_id"))
         return None
     est = quotas.estimate(body, ctx.dialect, conf, counted, quotas.needs_spend(found))
     if "messages" in body:
@@ -165,47 +171,76 @@ async def on_request(ctx: RequestContext, conf: Config) -> Stop | None:
     now = time.time()
     counters = quotas.counters(found, est, now)
     reservation = new_reservation_id()
-    # The route is asked of APISIX while Redis works on the reservation: the two round trips
-    # overlap. A route the consumer may not use hands its reservation straight back.
-    asked = asyncio.ensure_future(ctx.var("route_id"))
     try:
         store = await store_for(conf)
-        outcome = await store.reserve(reservation, counters, conf.reservation_ttl_s)
     except QuotaStoreUnavailable as exc:
-        _note_route(ctx, identity, await asked)
-        _warn_unreachable(str(exc), conf)
-        if conf.store_unreachable == "open":
-            return None
-        raise ServiceUnavailable(
-            "The gateway cannot check your quota right now (its quota store is unreachable) "
-            "and refuses requests it cannot count. Retry shortly; operators: check "
-            "DEEPGATE_REDIS_URL and the Redis server.",
-            code="quota_store_unavailable",
-            retry_after=1,
-        ) from None
-    except BaseException:
-        await asyncio.gather(asked, return_exceptions=True)  # the connection's next frame is ours
-        raise
-    if outcome.granted:
+        _store_unreachable(str(exc), conf)
+        return None
+    # The reservation is on its way to the store: the rest of the chain runs while it works,
+    # and the runner waits for the verdict before the request goes anywhere.
+    outcome = store.reserve(reservation, counters, conf.reservation_ttl_s)
+    ctx.defer(_admit(ctx, conf, store, Reserving(reservation, counters, est, now), outcome))
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Reserving:
+    """One request's reservation on its way to the store."""
+
+    id: str
+    counters: list[Counter]
+    estimate: quotas.Estimate
+    at: float
+
+
+async def _admit(
+    ctx: RequestContext,
+    conf: Config,
+    store: QuotaStore,
+    reserving: Reserving,
+    outcome: Awaitable[Outcome],
+) -> None:
+    """The store's verdict: admitted (rate headers, the reservation in the facts), refused
+    (429), or no verdict (store unreachable: fail open or closed)."""
+    try:
+        result = await outcome
+    except QuotaStoreUnavailable as exc:
+        _store_unreachable(str(exc), conf)
+        return
+    reservation = reserving.id
+    if result.granted:
 
         async def release() -> None:
             await store.release(reservation)
 
         # Runs when this request ends here or later in the chain (a denial below included).
         ctx.on_stop.append(release)
-    _note_route(ctx, identity, await asked)
-    for name, value in quotas.rate_headers(counters, outcome.values, now):
+    counters, now = reserving.counters, reserving.at
+    for name, value in quotas.rate_headers(counters, result.values, now):
         ctx.add_response_header(name, value)
-    if outcome.refused is not None:
-        i = outcome.refused
-        raise quotas.refusal(counters[i], outcome.values[i], est, now)
-    facts["reservation"] = {
+    if result.refused is not None:
+        i = result.refused
+        raise quotas.refusal(counters[i], result.values[i], reserving.estimate, now)
+    ctx.facts["reservation"] = {
         "id": reservation,
         "store": conf.store,
-        "tokens": est.tokens,
-        "spend_micro_usd": est.spend_micro_usd,
+        "tokens": reserving.estimate.tokens,
+        "spend_micro_usd": reserving.estimate.spend_micro_usd,
     }
-    return None
+
+
+def _store_unreachable(detail: str, conf: Config) -> None:
+    """Fail open (log, let the request through) or closed (503), as the config says."""
+    _warn_unreachable(detail, conf)
+    if conf.store_unreachable == "open":
+        return
+    raise ServiceUnavailable(
+        "The gateway cannot check your quota right now (its quota store is unreachable) "
+        "and refuses requests it cannot count. Retry shortly; operators: check "
+        "DEEPGATE_REDIS_URL and the Redis server.",
+        code="quota_store_unavailable",
+        retry_after=1,
+    )
 
 
 SPEC = PluginSpec(

@@ -23,6 +23,7 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Awaitable
 from typing import Any
 
 import orjson
@@ -310,6 +311,30 @@ class _Connection:
     async def _run_request_chain(
         self, ctx: RequestContext, conf: PreparedConf
     ) -> codec.Stop | codec.Rewrite | None:
+        in_flight: list[tuple[PreparedPlugin, Awaitable[None]]] = []
+        try:
+            stop = await self._run_handlers(ctx, conf, in_flight)
+        except (ConnectionError, asyncio.IncompleteReadError, TimeoutError):
+            await _settle(ctx, in_flight)
+            await _stopped(ctx, None)
+            raise  # APISIX went away mid-call: nobody to answer
+        except BaseException:
+            await _settle(ctx, in_flight)  # nothing is left running unheard
+            raise
+        # A check an earlier plugin deferred decides first, as if it had waited for it.
+        stop = await _settle(ctx, in_flight) or stop
+        if stop is None:
+            return ctx.rewrite()
+        stop.headers = [*stop.headers, *ctx.rewrite_resp_headers]
+        return await _stopped(ctx, stop)
+
+    async def _run_handlers(
+        self,
+        ctx: RequestContext,
+        conf: PreparedConf,
+        in_flight: list[tuple[PreparedPlugin, Awaitable[None]]],
+    ) -> codec.Stop | None:
+        """The chain's handlers in order, up to the first that stops the request."""
         flags_on = FLAGS.configured  # no flag file: no flag work at all
         for plugin in conf.plugins:
             handler = plugin.spec.on_request
@@ -324,23 +349,22 @@ class _Connection:
             try:
                 stop = await handler(ctx, plugin.config)
             except DeepgateError as err:
-                return await _stopped(ctx, error_stop(err, ctx.dialect, ctx.rewrite_resp_headers))
+                return error_stop(err, ctx.dialect)
             except (ConnectionError, asyncio.IncompleteReadError, TimeoutError):
-                await _stopped(ctx, None)
-                raise  # APISIX went away mid-call: nobody to answer
+                raise
             except Exception:
                 if _fails_open(plugin):
                     log.exception("plugin %s failed; on_error=open, going on", plugin.spec.name)
                     continue
                 log.exception("plugin %s failed; answering 500", plugin.spec.name)
-                failure = error_stop(
-                    _plugin_failure(ctx.request_id), ctx.dialect, ctx.rewrite_resp_headers
-                )
-                return await _stopped(ctx, failure)
+                return error_stop(_plugin_failure(ctx.request_id), ctx.dialect)
+            finally:
+                if ctx.deferred:
+                    in_flight.extend((plugin, check) for check in ctx.deferred)
+                    ctx.deferred.clear()
             if stop is not None:
-                stop.headers = [*stop.headers, *ctx.rewrite_resp_headers]
-                return await _stopped(ctx, stop)
-        return ctx.rewrite()
+                return stop
+        return None
 
     async def http_resp_call(self, req: codec.HTTPRespCallReq) -> bytes:
         conf = self.runner.confs.get(req.conf_token)
@@ -379,6 +403,26 @@ def route_of(key: str) -> str | None:
     if len(parts) >= 3 and parts[0] == "route" and parts[2]:
         return parts[2]
     return None
+
+
+async def _settle(
+    ctx: RequestContext, in_flight: list[tuple[PreparedPlugin, Awaitable[None]]]
+) -> codec.Stop | None:
+    """Wait for every check the chain deferred; the answer to the first that refused."""
+    refusal: codec.Stop | None = None
+    for plugin, check in in_flight:
+        try:
+            await check
+        except DeepgateError as err:
+            refusal = refusal or error_stop(err, ctx.dialect)
+        except Exception:
+            if _fails_open(plugin):
+                log.exception("plugin %s failed; on_error=open, going on", plugin.spec.name)
+                continue
+            log.exception("plugin %s failed; answering 500", plugin.spec.name)
+            refusal = refusal or error_stop(_plugin_failure(ctx.request_id), ctx.dialect)
+    in_flight.clear()
+    return refusal
 
 
 async def _stopped(ctx: RequestContext, stop: codec.Stop | None) -> codec.Stop | None:

@@ -20,12 +20,13 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 import pytest
 from pydantic import Field
 
+from deepgate.errors import RateLimited
 from devgateway.driver import RunnerConnection
 from plugins import auth_bridge, prompt_filter
 from plugins.base import PluginConfig, PluginSpec, RequestContext, ResponseContext
@@ -156,6 +157,26 @@ async def stop_now(ctx: RequestContext, conf: StopConfig) -> codec.Stop | None:
     return codec.Stop(status=conf.status, headers=[("x-by", "stop")], body=conf.text.encode())
 
 
+class DeferConfig(PluginConfig):
+    delay_ms: int = 0
+    outcome: Literal["pass", "refuse", "crash"] = "pass"
+
+
+async def defer_check(ctx: RequestContext, conf: DeferConfig) -> codec.Stop | None:
+    async def check() -> None:
+        await asyncio.sleep(conf.delay_ms / 1000)
+        # what later plugins had done by the time the check finished
+        later = ",".join(name for name, _ in ctx.rewrite_headers) or "-"
+        ctx.add_response_header("x-checked-after", later)
+        if conf.outcome == "refuse":
+            raise RateLimited("Rate limit reached (deferred check).", retry_after=3)
+        if conf.outcome == "crash":
+            raise RuntimeError("check bug")
+
+    ctx.defer(check())
+    return None
+
+
 class UpperConfig(PluginConfig):
     pass
 
@@ -181,6 +202,7 @@ TEST_REGISTRY = build_registry(
         ),
         PluginSpec("test-read-body", ReadBodyConfig, on_request=read_body),
         PluginSpec("test-stop", StopConfig, on_request=stop_now),
+        PluginSpec("test-defer", DeferConfig, on_request=defer_check),
         PluginSpec("test-upper", UpperConfig, on_response=upper_response),
     ]
 )

@@ -457,3 +457,39 @@ async def test_many_calls_in_order_on_one_keepalive_connection(inproc_runner: st
             assert (resp.action is None) == (text == "good")
     finally:
         await conn.close()
+
+
+# --- checks a plugin defers --------------------------------------------------------------------
+
+
+async def test_the_chain_goes_on_while_a_deferred_check_waits(inproc_runner: str) -> None:
+    chain = [("test-defer", {"delay_ms": 50}), ("test-slow", {"delay_ms": 0})]
+    resp, _ = await run_call(inproc_runner, await prepare(inproc_runner, chain), None)
+    assert isinstance(resp.action, codec.Rewrite)
+    assert resp.action.headers == [("x-slept-ms", "0")]
+    # the later plugin had already run when the check finished, and the check's header is there
+    assert resp.action.resp_headers == [("x-checked-after", "x-slept-ms")]
+
+
+async def test_a_deferred_refusal_comes_before_what_a_later_plugin_decided(
+    inproc_runner: str,
+) -> None:
+    chain = [("test-defer", {"delay_ms": 20, "outcome": "refuse"}), ("test-stop", {"status": 203})]
+    resp, _ = await run_call(inproc_runner, await prepare(inproc_runner, chain), None)
+    status, body, headers = stop_json(resp)
+    assert status == 429
+    assert body["error"]["type"] == "rate_limit_error"
+    assert headers["retry-after"] == "3"
+    assert headers["x-checked-after"] == "-"  # the stop decided first; the refusal still wins
+
+
+async def test_a_deferred_check_that_fails_is_closed_or_open_as_its_plugin_says(
+    inproc_runner: str,
+) -> None:
+    closed = [("test-defer", {"outcome": "crash"}), ("test-slow", {"delay_ms": 0})]
+    resp, _ = await run_call(inproc_runner, await prepare(inproc_runner, closed), None)
+    assert stop_json(resp)[0] == 500
+    opened = [("test-defer", {"outcome": "crash", "on_error": "open"}), ("test-slow", {})]
+    resp, _ = await run_call(inproc_runner, await prepare(inproc_runner, opened), None)
+    assert isinstance(resp.action, codec.Rewrite)
+    assert resp.action.headers == [("x-slept-ms", "0")]

@@ -15,6 +15,7 @@ never travels in clear.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import os
 import time
@@ -56,6 +57,7 @@ class Facts(TypedDict, total=False):
     exp: int  # unix seconds after which the sidecar refuses the facts (set by seal)
 
 
+@functools.lru_cache(maxsize=8)
 def _aead(route_key: bytes) -> AESGCM:
     return AESGCM(hashlib.sha256(_KEY_LABEL + route_key).digest())
 

@@ -354,8 +354,12 @@ async def on_request(ctx: RequestContext, conf: Config) -> Stop | None:
         changed = True
 
     if conf.max_prompt_tokens is not None:
-        encoding = conf.encoding or encoding_for(body["model"])
-        tokens = count_prompt_tokens(body, ctx.dialect, encoding)
+        tokens = ctx.facts.get("prompt_tokens")
+        if tokens is None or changed or conf.encoding is not None:
+            # Not counted yet (policy counts the body as the client sent it, with the model's
+            # own encoding), or counted before this plugin changed the body.
+            encoding = conf.encoding or encoding_for(body["model"])
+            tokens = count_prompt_tokens(body, ctx.dialect, encoding)
         if tokens > conf.max_prompt_tokens:
             raise ContextLengthExceeded(
                 f"This request has {tokens} prompt tokens; this route allows at most "

@@ -65,6 +65,17 @@ class Detector(Protocol):
     def scan(self, text: str) -> list[Finding]: ...
 
 
+def contains_any(text: str, words: tuple[str, ...]) -> bool:
+    """Whether ``text`` holds one of ``words``: the detectors' cheap gates before a regex.
+
+    A loop rather than ``any()`` over a generator, which costs ~0.5 µs more per call; gates run
+    dozens of times per prompt."""
+    for word in words:  # noqa: SIM110
+        if word in text:
+            return True
+    return False
+
+
 def merge_spans(findings: Iterable[Finding]) -> list[Finding]:
     """Findings sorted by start, overlapping ones reduced to the first that starts (the longest
     of those that start together), so each character is replaced at most once."""

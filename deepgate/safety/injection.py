@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from deepgate.safety.base import Action, Finding, Scope
+from deepgate.safety.base import Action, Finding, Scope, contains_any
 
 NAME = "injection"
 
@@ -151,7 +151,7 @@ class InjectionRules:
         if self.families:
             lowered = text.lower()
             for family, score, anchors, pattern in self.families:
-                if any(a in lowered for a in anchors):
+                if contains_any(lowered, anchors):
                     out.extend(
                         Finding(self.name, family, m.start(), m.end(), score)
                         for m in pattern.finditer(text)

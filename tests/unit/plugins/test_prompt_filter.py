@@ -630,6 +630,25 @@ async def test_prompt_token_limit() -> None:
     assert "7" in err.message
 
 
+async def test_a_count_made_earlier_in_the_chain_is_reused_while_the_body_is_unchanged() -> None:
+    call = Call(orjson.dumps(chat("hello world")))  # 8 prompt tokens
+    ctx = RequestContext(HTTPReqCallReq(id=1, conf_token=1, method=Method.POST), call.ask)
+    ctx.facts["prompt_tokens"] = 9  # the policy's count, with the model's own encoding
+    with pytest.raises(ContextLengthExceeded, match="9 prompt tokens"):
+        await on_request(ctx, Config(max_prompt_tokens=8))
+    # A body this plugin changed (normalized), or an encoding of its own: counted again.
+    call = Call(orjson.dumps(chat("hello   world")))
+    ctx = RequestContext(HTTPReqCallReq(id=1, conf_token=1, method=Method.POST), call.ask)
+    ctx.facts["prompt_tokens"] = 9
+    assert await on_request(ctx, Config(max_prompt_tokens=8)) is None
+    ctx = RequestContext(
+        HTTPReqCallReq(id=1, conf_token=1, method=Method.POST),
+        Call(orjson.dumps(chat("hello world"))).ask,
+    )
+    ctx.facts["prompt_tokens"] = 9
+    assert await on_request(ctx, Config(max_prompt_tokens=8, encoding="o200k_base")) is None
+
+
 async def test_prompt_token_limit_counts_the_decoration() -> None:
     conf = Config.model_validate(
         {

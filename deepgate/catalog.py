@@ -52,13 +52,16 @@ class Catalog(StrictModel):
 
     def cost(self, target: str, prompt_tokens: int, completion_tokens: int) -> float:
         """USD for a call with these token counts (0 for a target without a price)."""
+        per_mtok_in, per_mtok_out = self.prices(target)
+        return (prompt_tokens * per_mtok_in + completion_tokens * per_mtok_out) / 1_000_000
+
+    def prices(self, target: str) -> tuple[float, float]:
+        """(input, output) USD per million tokens; (0, 0) for a target without a price."""
         info = self.models.get(target)
         if info is None:
             _warn_unpriced(target)
-            return 0.0
-        return (
-            prompt_tokens * info.input_per_mtok + completion_tokens * info.output_per_mtok
-        ) / 1_000_000
+            return 0.0, 0.0
+        return info.input_per_mtok, info.output_per_mtok
 
 
 @functools.cache

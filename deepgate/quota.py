@@ -28,13 +28,14 @@ from __future__ import annotations
 
 import calendar
 import time
-import uuid
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal, Protocol
 
 import orjson
+
+from deepgate.unique import unique_id
 
 Kind = Literal["requests", "tokens", "spend"]
 Window = Literal["minute", "day", "month"]
@@ -117,7 +118,7 @@ def reservation_key(reservation_id: str) -> str:
 
 def new_reservation_id() -> str:
     """Unguessable and unique: never the client's own request id, which it could repeat."""
-    return uuid.uuid4().hex
+    return unique_id()
 
 
 def _record(counters: Sequence[Counter]) -> dict[str, list[list[Any]]]:

@@ -87,8 +87,10 @@ class _Connection(asyncio.Protocol):
     """One connection: at most one command in flight, its reply parsed as the bytes arrive."""
 
     def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()  # kept: asking for it costs a system call (3.11)
         self.transport: asyncio.Transport | None = None
         self.waiter: asyncio.Future[Reply] | None = None
+        self.deadline: asyncio.TimerHandle | None = None
         self.buf = bytearray()
         self.lost = False
 
@@ -105,24 +107,37 @@ class _Connection(asyncio.Protocol):
         except _Incomplete:
             return
         except (RedisConnectionError, ValueError) as exc:
-            waiter.set_exception(RedisConnectionError(f"unreadable reply from Redis: {exc}"))
+            self._fail(RedisConnectionError(f"unreadable reply from Redis: {exc}"))
             self.close()
             return
         del self.buf[:used]
         self.waiter = None
+        if self.deadline is not None:
+            self.deadline.cancel()
         waiter.set_result(reply)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
-        waiter, self.waiter = self.waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_exception(RedisConnectionError("Redis closed the connection"))
+        self._fail(RedisConnectionError("Redis closed the connection"))
 
-    def send(self, payload: bytes) -> asyncio.Future[Reply]:
+    def _fail(self, exc: Exception) -> None:
+        waiter, self.waiter = self.waiter, None
+        if self.deadline is not None:
+            self.deadline.cancel()
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(exc)
+
+    def _expire(self, timeout_s: float) -> None:
+        self._fail(RedisTimeoutError(f"Redis did not answer within {timeout_s:g} s"))
+        self.close()  # the reply would come late, into the next command's wait
+
+    def send(self, payload: bytes, timeout_s: float) -> asyncio.Future[Reply]:
+        """Write one command; the future of its reply, failed after ``timeout_s``."""
         if self.lost or self.transport is None or self.transport.is_closing():
             raise RedisConnectionError("the connection to Redis is closed")
-        waiter = asyncio.get_running_loop().create_future()
+        waiter = self.loop.create_future()
         self.waiter = waiter
+        self.deadline = self.loop.call_later(timeout_s, self._expire, timeout_s)
         self.transport.write(payload)
         return waiter
 
@@ -159,7 +174,7 @@ class RedisWire:
         while self._idle:
             conn = self._idle.pop()
             if not conn.lost:
-                return self._sent_on_idle(conn, conn.send(payload), payload)
+                return self._sent_on_idle(conn, conn.send(payload, self._timeout_s), payload)
         return self._on_fresh(payload)
 
     async def _sent_on_idle(
@@ -174,15 +189,11 @@ class RedisWire:
 
     async def _on_fresh(self, payload: bytes) -> Reply:
         conn = await self._connect()
-        return await self._reply(conn, conn.send(payload))
+        return await self._reply(conn, conn.send(payload, self._timeout_s))
 
     async def _reply(self, conn: _Connection, sent: asyncio.Future[Reply]) -> Reply:
         try:
-            async with asyncio.timeout(self._timeout_s):
-                reply = await sent
-        except TimeoutError:
-            conn.close()
-            raise RedisTimeoutError(f"Redis did not answer within {self._timeout_s:g} s") from None
+            reply = await sent  # the connection fails it at its deadline
         except BaseException:
             conn.close()  # failed or cancelled mid-reply: the connection's state is unknown
             raise
@@ -214,8 +225,7 @@ class RedisWire:
             raise RedisConnectionError(f"could not connect to Redis: {exc}") from None
         return conn
 
-    @staticmethod
-    async def _handshake(conn: _Connection, p: dict[str, Any]) -> None:
+    async def _handshake(self, conn: _Connection, p: dict[str, Any]) -> None:
         steps: list[tuple[Any, ...]] = []
         if p.get("password") is not None:
             user = p.get("username")
@@ -223,7 +233,7 @@ class RedisWire:
         if p.get("db"):
             steps.append(("SELECT", int(p["db"])))
         for step in steps:
-            reply = await conn.send(encode(step))
+            reply = await conn.send(encode(step), self._timeout_s)
             if isinstance(reply, ResponseError):
                 conn.close()
                 raise RedisConnectionError(f"Redis refused {step[0]}: {reply}")

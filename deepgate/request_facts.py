@@ -17,7 +17,6 @@ from __future__ import annotations
 import base64
 import functools
 import hashlib
-import os
 import time
 from typing import Any, TypedDict
 
@@ -25,6 +24,7 @@ import orjson
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from deepgate import unique
 from deepgate.route_signature import gateway_only
 
 HEADER = "x-deepgate-facts"
@@ -66,7 +66,7 @@ def seal(route_key: bytes, request_id: str, facts: Facts, ttl_s: float = 600.0) 
     """The header value carrying ``facts`` for request ``request_id``."""
     payload = dict(facts)
     payload["exp"] = int(time.time() + ttl_s)
-    nonce = os.urandom(_NONCE_BYTES)
+    nonce = unique.nonce()
     sealed = _aead(route_key).encrypt(nonce, orjson.dumps(payload), request_id.encode())
     return base64.urlsafe_b64encode(nonce + sealed).decode().rstrip("=")
 

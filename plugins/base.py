@@ -13,7 +13,6 @@ chain shares the same parsed object, so a change one plugin makes is what the ne
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -21,11 +20,12 @@ from typing import Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict
 
-from deepgate.chat import Dialect, dialect_for_path
+from deepgate.chat import Dialect, check_chat_body, dialect_for_path
 from deepgate.errors import DeepgateError, InvalidRequest
 from deepgate.flags import FlagContext
 from deepgate.request_facts import HEADER as FACTS_HEADER
 from deepgate.request_facts import Facts, seal
+from deepgate.unique import unique_id
 from plugins.runner.codec import (
     Entries,
     ExtraInfo,
@@ -74,6 +74,7 @@ class RequestContext:
         "_ask",
         "_ask_many",
         "_body",
+        "_chat",
         "_headers",
         "_json",
         "_vars",
@@ -96,6 +97,7 @@ class RequestContext:
         self._ask_many = ask_many
         self._body: bytes | None = _UNSET
         self._json: Any = _UNSET
+        self._chat: dict[str, Any] | None = None  # the body, once checked as a chat request
         self._vars: dict[str, str | None] = {}
         self._headers: dict[str, str] | None = None
         self.dialect: Dialect = dialect_for_path(call.path)
@@ -106,7 +108,7 @@ class RequestContext:
         self.rewrite_resp_headers: Entries = []
         # The client's (or an earlier proxy's) id, else a fresh one: call ids repeat across
         # APISIX workers and restarts, and the ledger keys usage by this id.
-        self.request_id = self.header("x-request-id") or uuid.uuid4().hex
+        self.request_id = self.header("x-request-id") or unique_id()
         # What the chain learned, for later plugins and (sealed) for the sidecar.
         self.facts: Facts = Facts()
         self.on_stop: list[OnStop] = []
@@ -172,6 +174,14 @@ class RequestContext:
                 ) from None
         return self._json
 
+    async def chat(self) -> dict[str, Any]:
+        """The body checked as a chat request of the route's dialect (``InvalidRequest`` if it
+        is not one), checked once for the chain until a plugin replaces the body."""
+        body = await self.json()
+        if self._chat is not body:
+            self._chat = check_chat_body(body, self.dialect)
+        return self._chat
+
     def parsed_json(self) -> Any:
         """The body as parsed so far by the chain, or ``None`` (never asks APISIX)."""
         return None if self._json is _UNSET else self._json
@@ -179,6 +189,7 @@ class RequestContext:
     def replace_json(self, value: Any) -> None:
         """Replace the whole parsed body (the next plugins see the new one)."""
         self._json = value
+        self._chat = None  # edited in place or replaced: checked again when next asked
         self.body_changed = True
 
     async def flag_context(self) -> FlagContext:

@@ -32,7 +32,6 @@ from pydantic import Field, field_validator
 from redis.exceptions import RedisError
 
 from deepgate import response_cache as rc
-from deepgate.chat import check_chat_body
 from deepgate.config import ConfigError, StrictModel
 from deepgate.errors import DeepgateError, ServiceUnavailable
 from deepgate.secrets import is_ref
@@ -165,7 +164,7 @@ async def _get(conf: Config, key: str) -> bytes | None:
 async def on_request(ctx: RequestContext, conf: Config) -> Stop | None:
     if ctx.call.method != Method.POST:
         return None
-    body = check_chat_body(await ctx.json(), ctx.dialect)
+    body = await ctx.chat()
     if bypass_reason(ctx, body, conf) is not None:
         _mark(ctx, "bypass")
         return None

@@ -326,9 +326,10 @@ async def on_request(ctx: RequestContext, conf: Config) -> Stop | None:
                 f"Unknown template_name; this route has: {', '.join(sorted(compiled.templates))}.",
                 param="template_name",
             )
-        body = render_template(name, template, body, ctx.dialect)
+        body = check_chat_body(render_template(name, template, body, ctx.dialect), ctx.dialect)
         changed = True
-    check_chat_body(body, ctx.dialect)
+    else:
+        body = await ctx.chat()
 
     if conf.normalize:
         for slot in text_slots(body, ctx.dialect):

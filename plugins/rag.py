@@ -29,7 +29,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from deepgate import response_cache as rc
-from deepgate.chat import Dialect, check_chat_body, text_slots
+from deepgate.chat import Dialect, text_slots
 from deepgate.chunking import count_tokens
 from deepgate.config import ConfigError
 from deepgate.errors import DeepgateError, PermissionDenied, ServiceUnavailable
@@ -156,7 +156,7 @@ def _collection_for(ctx: RequestContext, conf: Config) -> str:
 
 
 async def on_request(ctx: RequestContext, conf: Config) -> Stop | None:
-    body = check_chat_body(await ctx.json(), ctx.dialect)
+    body = await ctx.chat()
     collection = _collection_for(ctx, conf)
     question = last_user_text(body, ctx.dialect)
     if not question:

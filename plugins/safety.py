@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 from pydantic import Field, PrivateAttr, model_validator
 
-from deepgate.chat import TextSlot, check_chat_body, text_slots
+from deepgate.chat import TextSlot, text_slots
 from deepgate.config import StrictModel
 from deepgate.errors import ContentPolicyViolation, DeepgateError, ServiceUnavailable
 from deepgate.flags import FLAGS
@@ -367,7 +367,7 @@ async def on_request(ctx: RequestContext, conf: Config) -> Stop | None:
     if ctx.call.method in (Method.GET, Method.HEAD, Method.DELETE, Method.OPTIONS):
         return None
     compiled = conf._compiled
-    body = check_chat_body(await ctx.json(), ctx.dialect)
+    body = await ctx.chat()
     slots = list(text_slots(body, ctx.dialect))
     last = len(body["messages"]) - 1
     actions = compiled.actions

@@ -30,7 +30,6 @@ import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
 
-from deepgate.chat import check_chat_body
 from deepgate.config import ConfigError
 from deepgate.errors import (
     AuthenticationFailed,
@@ -147,7 +146,7 @@ async def on_request(ctx: RequestContext, conf: Config) -> Stop | None:
     body = await ctx.json()
     counted = facts.get("prompt_tokens")
     try:
-        check_chat_body(body, ctx.dialect)
+        await ctx.chat()
     except InvalidRequest:
         # A prompt-filter template request ({"template_name": ..., "model": ...}) becomes a chat
         # body only later in the chain: judge its model now, estimate its prompt by its size.

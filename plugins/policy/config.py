@@ -78,6 +78,8 @@ class Compiled:
     identities: dict[str, Identity] = field(default_factory=dict)
     default: Identity | None = None
     chains: dict[str, tuple[str, ...]] = field(default_factory=dict)  # alias -> priced targets
+    # alias -> the (input, output) prices per million tokens of its targets that may cost most
+    prices: dict[str, tuple[tuple[float, float], ...]] = field(default_factory=dict)
 
 
 _STRICTNESS: dict[PersonalData, int] = {"allow": 0, "local": 1, "refuse": 2}
@@ -223,6 +225,26 @@ class Config(PluginConfig):
                 found = tuple(t for t in models if t.partition(":")[2] == alias)
             if len(chains) < _MAX_REMEMBERED:
                 chains[alias] = found
+        return found
+
+    def prices(self, alias: str) -> tuple[tuple[float, float], ...]:
+        """The (input, output) USD per million tokens an alias may cost, from its chain (every
+        catalog model when the chain is unknown), without the pairs another pair beats on both
+        counts: the estimate's worst case is the most expensive of these."""
+        compiled = self._compiled
+        found = compiled.prices.get(alias)
+        if found is None:
+            catalog = compiled.catalog
+            pairs = {catalog.prices(t) for t in self.chain(alias) or tuple(catalog.models)}
+            found = tuple(
+                sorted(
+                    p
+                    for p in pairs
+                    if not any(q != p and q[0] >= p[0] and q[1] >= p[1] for q in pairs)
+                )
+            )
+            if len(compiled.prices) < _MAX_REMEMBERED:
+                compiled.prices[alias] = found
         return found
 
     @property

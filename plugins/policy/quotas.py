@@ -73,10 +73,10 @@ def estimate(
     completion = completion_budget(body, conf.default_max_tokens)
     spend = 0
     if with_spend:
-        catalog = conf.catalog
-        targets = conf.chain(alias) or tuple(catalog.models)
-        usd = max((catalog.cost(t, prompt_tokens, completion) for t in targets), default=0.0)
-        spend = math.ceil(usd * 1_000_000)
+        per_mtok = max(
+            (i * prompt_tokens + o * completion for i, o in conf.prices(alias)), default=0.0
+        )
+        spend = math.ceil(per_mtok)  # USD per million tokens x tokens = micro-USD
     return Estimate(prompt_tokens, completion, spend)
 
 

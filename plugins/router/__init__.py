@@ -30,7 +30,7 @@ from typing import Any
 
 import orjson
 
-from deepgate.chat import check_chat_body, text_slots
+from deepgate.chat import text_slots
 from deepgate.errors import ContextLengthExceeded, NotFound, PermissionDenied
 from deepgate.flags import FLAGS, FlagContext
 from deepgate.request_facts import Facts
@@ -293,7 +293,7 @@ async def on_request(ctx: RequestContext, conf: Config) -> Stop | None:
     if ctx.call.method in _NO_BODY:
         return None  # no model to route (GET /v1/models)
     # checked again here: the router may run without the prompt filter before it
-    body = check_chat_body(await ctx.json(), ctx.dialect)
+    body = await ctx.chat()
     raw = await ctx.body()  # already read by the chain: no second ask
     # the body's size bounds its tokens; re-encoded only when an earlier plugin changed it
     alias, chain = decide(

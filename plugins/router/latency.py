@@ -75,8 +75,11 @@ class LatencyBoard:
         self._at = time.monotonic()
 
     def _ensure_refreshing(self) -> None:
+        task = self._task
+        if task is not None and not task.done() and task.get_loop().is_running():
+            return  # the usual case, without asking for the running loop (a system call on 3.11)
         loop = asyncio.get_running_loop()
-        if self._task is not None and not self._task.done() and self._loop is loop:
+        if task is not None and not task.done() and self._loop is loop:
             return
         self._loop = loop
         self._task = loop.create_task(self._refresh_forever(), name="router-latency-refresh")

@@ -201,6 +201,7 @@ class HTTPRespCallResp:
 _U16 = struct.Struct("<H").unpack_from
 _U32 = struct.Struct("<I").unpack_from
 _I32 = struct.Struct("<i").unpack_from
+_U16x2 = struct.Struct("<HH").unpack_from
 
 
 class _Table:
@@ -295,16 +296,46 @@ class _Table:
         t = self._target(slot)
         return None if t < 0 else _Table(self._buf, t, self._budget)
 
-    def tables(self, slot: int) -> list[_Table]:
+    def entries(self, slot: int) -> Entries:
+        """A vector of TextEntry tables, walked inline (the hot path: every call's headers)
+        with the same checks as ``_Table`` and ``string``."""
         start, count = self._vector(slot, 4)
         buf = self._buf
+        n = len(buf)
         budget = self._budget
-        return [
-            _Table(buf, p + _U32(buf, p)[0], budget) for p in range(start, start + 4 * count, 4)
-        ]
-
-    def entries(self, slot: int) -> Entries:
-        return [(t.string(0) or "", t.string(1)) for t in self.tables(slot)]
+        out: Entries = []
+        for p in range(start, start + 4 * count, 4):
+            pos = p + _U32(buf, p)[0]
+            if pos + 4 > n:
+                raise ProtocolError("table offset outside the buffer")
+            vt = pos - _I32(buf, pos)[0]
+            if vt < 0 or vt + 4 > n:
+                raise ProtocolError("vtable outside the buffer")
+            vtlen, size = _U16x2(buf, vt)
+            if vtlen < 4 or vtlen & 1 or vt + vtlen > n or pos + size > n:
+                raise ProtocolError("malformed vtable")
+            pair: list[str | None] = [None, None]
+            for i in (0, 1):
+                if 6 + 2 * i > vtlen:
+                    break
+                off = _U16(buf, vt + 4 + 2 * i)[0]
+                if not off:
+                    continue
+                f = pos + off
+                if f + 4 > n:
+                    raise ProtocolError("field runs past the buffer")
+                t = f + _U32(buf, f)[0]
+                if t + 4 > n:
+                    raise ProtocolError("vector outside the buffer")
+                length = _U32(buf, t)[0]
+                if t + 4 + length > n:
+                    raise ProtocolError("vector runs past the buffer")
+                budget[0] -= length
+                if budget[0] < 0:
+                    raise ProtocolError("buffer references the same data too many times")
+                pair[i] = buf[t + 4 : t + 4 + length].decode("utf-8", "surrogateescape")
+            out.append((pair[0] or "", pair[1]))
+        return out
 
 
 def _root(payload: bytes) -> _Table:

@@ -19,12 +19,13 @@ stop the runner.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
 import time
 from collections.abc import Awaitable
-from typing import Any
+from typing import Any, cast
 
 import orjson
 from pydantic import ValidationError
@@ -42,9 +43,13 @@ from sidecar.hooks.usage import UsagePublisher
 
 log = logging.getLogger(__name__)
 
-# APISIX answers ExtraInfo at once and sends whole frames; a peer that stalls mid-frame for this
-# long is gone (APISIX's own send timeout is 60 s).
+# APISIX answers ExtraInfo at once and sends whole frames; a peer that stalls mid-frame or
+# mid-exchange for this long is gone (APISIX's own send timeout is 60 s). The watchdog looks
+# every WATCHDOG_EVERY_S.
 FRAME_TIMEOUT_S = 60.0
+WATCHDOG_EVERY_S = 5.0
+# Frames received but not yet taken; past this the connection stops reading until they are.
+MAX_QUEUED_FRAMES = 64
 
 _ERR_FRAMES = {
     code: codec.frame(MsgType.RPC_ERROR, codec.encode_err_resp(code)) for code in ErrCode
@@ -81,6 +86,8 @@ class Runner:
         self._idle.set()
         self._var_frames: dict[str, bytes] = {}
         self._path: str | None = None
+        self._open: set[_Connection] = set()
+        self._watchdog: asyncio.TimerHandle | None = None
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -89,8 +96,12 @@ class Runner:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         # A deep backlog: APISIX workers may open many connections in one burst.
-        self._server = await asyncio.start_unix_server(self._serve, path=path, backlog=1024)
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_unix_server(
+            lambda: _Connection(self), path=path, backlog=1024
+        )
         self._path = path
+        self._watchdog = loop.call_later(WATCHDOG_EVERY_S, self._close_stalled)
         # nginx workers run as another user: they must be able to connect.
         os.chmod(path, 0o766)  # noqa: S103 - the protocol requires a world-connectable socket
         log.info("runner listening", extra={"socket": path, "plugins": sorted(self.registry)})
@@ -99,6 +110,8 @@ class Runner:
         """Stop accepting, let calls in flight finish within ``grace_s``, close the rest."""
         if self._server is not None:
             self._server.close()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         try:
             await asyncio.wait_for(self._idle.wait(), grace_s)
         except TimeoutError:
@@ -118,13 +131,14 @@ class Runner:
 
     # --- one connection ---------------------------------------------------------------------
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _serve(self, conn: _Connection) -> None:
         task = asyncio.current_task()
         assert task is not None
         self._connections.add(task)
+        self._open.add(conn)
         try:
-            await _Connection(self, reader, writer).run()
-        except (ConnectionError, asyncio.IncompleteReadError, TimeoutError):
+            await conn.run()
+        except (ConnectionError, TimeoutError):
             pass  # the peer went away or stalled: nothing to answer
         except asyncio.CancelledError:
             pass  # shutting down
@@ -132,7 +146,19 @@ class Runner:
             log.exception("connection closed after an unexpected error")
         finally:
             self._connections.discard(task)
-            writer.close()
+            self._open.discard(conn)
+            conn.close()
+
+    def _close_stalled(self) -> None:
+        """Close connections stuck mid-frame or mid-exchange for ``FRAME_TIMEOUT_S``: one timer
+        for the runner instead of one per read."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for conn in list(self._open):
+            if conn.stalled_since is not None and now - conn.stalled_since > FRAME_TIMEOUT_S:
+                log.warning("closing a connection stalled for %.0f s", now - conn.stalled_since)
+                conn.close()
+        self._watchdog = loop.call_later(WATCHDOG_EVERY_S, self._close_stalled)
 
     def _begin(self) -> None:
         self._busy += 1
@@ -182,36 +208,105 @@ class Runner:
         return self.confs.add(key, plugins, route_id)
 
 
-class _Connection:
-    """One APISIX connection: frames in, frames out, one exchange at a time."""
+class _Connection(asyncio.Protocol):
+    """One APISIX connection: frames in, frames out, one exchange at a time.
 
-    __slots__ = ("reader", "runner", "writer")
+    Bytes are cut into frames as they arrive (``data_received``); the connection's task takes
+    them in order. No stream reader and no timer per read: the runner's watchdog closes a
+    connection that stays mid-frame or mid-exchange for ``FRAME_TIMEOUT_S``.
+    """
 
-    def __init__(
-        self, runner: Runner, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
+    def __init__(self, runner: Runner) -> None:
         self.runner = runner
-        self.reader = reader
-        self.writer = writer
+        self.loop = asyncio.get_running_loop()  # kept: asking for it costs a system call (3.11)
+        self.transport: asyncio.Transport | None = None
+        self.buf = bytearray()
+        self.frames: collections.deque[tuple[int, bytes]] = collections.deque()
+        self.waiter: asyncio.Future[None] | None = None
+        self.lost: BaseException | None = None
+        self.in_exchange = False
+        self.stalled_since: float | None = None  # loop time it began waiting mid-exchange
+        self.paused = False
+        self.can_write: asyncio.Future[None] | None = None
 
-    async def read_frame(self, *, idle_ok: bool = False) -> tuple[int, bytes]:
-        """The next frame; waits without limit for its header only between exchanges."""
-        # asyncio.timeout, not wait_for: it needs no task per read (this is the hot path).
-        if idle_ok:
-            header = await self.reader.readexactly(4)
+    # --- asyncio.Protocol ---------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        self.loop.create_task(self.runner._serve(self))
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf
+        frames = self.frames
+        if not buf and len(data) >= 4 and len(data) == 4 + (data[1] << 16 | data[2] << 8 | data[3]):
+            frames.append((data[0], data[4:]))  # the usual case: exactly one whole frame
         else:
-            async with asyncio.timeout(FRAME_TIMEOUT_S):
-                header = await self.reader.readexactly(4)
-        msg_type, size = codec.parse_header(header)
-        if not size:
-            return msg_type, b""
-        async with asyncio.timeout(FRAME_TIMEOUT_S):
-            return msg_type, await self.reader.readexactly(size)
+            buf += data
+            while len(buf) >= 4:
+                size = buf[1] << 16 | buf[2] << 8 | buf[3]
+                if len(buf) < 4 + size:
+                    break
+                frames.append((buf[0], bytes(buf[4 : 4 + size])))
+                del buf[: 4 + size]
+            if buf and self.stalled_since is None:
+                self.stalled_since = self.loop.time()  # a frame begun, not ended
+        if frames:
+            if len(frames) > MAX_QUEUED_FRAMES and not self.paused:
+                self.paused = True  # a peer that sends without reading the answers
+                self.transport.pause_reading()  # type: ignore[union-attr]
+            self._wake()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = exc or ConnectionError("APISIX closed the connection")
+        self._wake()
+        if self.can_write is not None and not self.can_write.done():
+            self.can_write.set_result(None)
+
+    def pause_writing(self) -> None:
+        self.can_write = self.loop.create_future()
+
+    def resume_writing(self) -> None:
+        if self.can_write is not None and not self.can_write.done():
+            self.can_write.set_result(None)
+        self.can_write = None
+
+    def _wake(self) -> None:
+        waiter, self.waiter = self.waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    # --- frames -------------------------------------------------------------------------------
+
+    async def read_frame(self) -> tuple[int, bytes]:
+        """The next whole frame, in arrival order."""
+        while not self.frames:
+            if self.lost is not None:
+                raise ConnectionError(str(self.lost))
+            if self.in_exchange and self.stalled_since is None:
+                self.stalled_since = self.loop.time()
+            self.waiter = self.loop.create_future()
+            await self.waiter
+        if self.paused and len(self.frames) <= MAX_QUEUED_FRAMES // 2:
+            self.paused = False
+            self.transport.resume_reading()  # type: ignore[union-attr]
+        if not self.buf:
+            self.stalled_since = None
+        return self.frames.popleft()
+
+    def write(self, data: bytes) -> None:
+        if self.lost is not None:
+            raise ConnectionError(str(self.lost))
+        self.transport.write(data)  # type: ignore[union-attr]
 
     async def run(self) -> None:
         runner = self.runner
         while True:
-            msg_type, payload = await self.read_frame(idle_ok=True)
+            msg_type, payload = await self.read_frame()
+            self.in_exchange = True
             runner._begin()
             try:
                 reply = await self.exchange(msg_type, payload)
@@ -222,18 +317,22 @@ class _Connection:
                 reply = _ERR_FRAMES[ErrCode.BAD_REQUEST]
             finally:
                 runner._end()
-            self.writer.write(reply)
-            await self.writer.drain()
+                self.in_exchange = False
+                if not self.buf:
+                    self.stalled_since = None
+            self.write(reply)
+            if self.can_write is not None:
+                await self.can_write  # APISIX reads slower than we answer: wait for room
 
     async def ask(self, frame: bytes) -> bytes | None:
         """Send an ExtraInfo question and wait for APISIX's answer on this connection."""
-        self.writer.write(frame)
+        self.write(frame)
         return await self._answer()
 
     async def ask_many(self, infos: list[ExtraInfo]) -> list[bytes | None]:
         """Several questions in one write; APISIX answers each, in order, on this connection
         (its ExtraInfo loop reads one frame, answers it, reads the next)."""
-        self.writer.write(b"".join(self._question(info) for info in infos))
+        self.write(b"".join(self._question(info) for info in infos))
         return [await self._answer() for _ in infos]
 
     async def ask_info(self, info: ExtraInfo) -> bytes | None:
@@ -314,7 +413,7 @@ class _Connection:
         in_flight: list[tuple[PreparedPlugin, Awaitable[None]]] = []
         try:
             stop = await self._run_handlers(ctx, conf, in_flight)
-        except (ConnectionError, asyncio.IncompleteReadError, TimeoutError):
+        except (ConnectionError, TimeoutError):
             await _settle(ctx, in_flight)
             await _stopped(ctx, None)
             raise  # APISIX went away mid-call: nobody to answer
@@ -350,7 +449,7 @@ class _Connection:
                 stop = await handler(ctx, plugin.config)
             except DeepgateError as err:
                 return error_stop(err, ctx.dialect)
-            except (ConnectionError, asyncio.IncompleteReadError, TimeoutError):
+            except (ConnectionError, TimeoutError):
                 raise
             except Exception:
                 if _fails_open(plugin):
@@ -385,7 +484,7 @@ class _Connection:
                 continue
             try:
                 await hook(ctx, plugin.config)
-            except (ConnectionError, asyncio.IncompleteReadError, TimeoutError):
+            except (ConnectionError, TimeoutError):
                 raise
             except Exception:
                 if _fails_open(plugin):

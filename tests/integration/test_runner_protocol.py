@@ -16,6 +16,7 @@ from devgateway.driver import ExtPluginDriver, PluginChain, RunnerConnection, Ru
 from plugins.runner import codec
 from plugins.runner.codec import ErrCode, MsgType
 from tests.integration.conftest import (
+    TEST_REGISTRY,
     Apisix,
     RunnerProcess,
     call,
@@ -407,6 +408,66 @@ async def test_a_wrong_frame_instead_of_an_extra_info_answer_closes_the_connecti
     with pytest.raises(asyncio.IncompleteReadError):
         await conn.read()
     await conn.close()
+
+
+async def test_peers_stalled_mid_frame_or_mid_exchange_are_closed(
+    sock_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from plugins.runner import server
+
+    monkeypatch.setattr(server, "FRAME_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(server, "WATCHDOG_EVERY_S", 0.05)
+    runner = server.Runner(TEST_REGISTRY)
+    path = str(sock_dir / "stall.sock")
+    await runner.start(path)
+    try:
+        token = await prepare(path, [(PF, {})])
+
+        def stall() -> None:
+            idle = _raw(path)  # between exchanges a connection may idle as long as it likes
+            cut = _raw(path)
+            cut.sendall(bytes([2, 0, 0, 100]) + b"short")  # a frame begun, never ended
+            asking = _raw(path)
+            asking.sendall(
+                codec.frame(
+                    MsgType.RPC_HTTP_REQ_CALL, codec.encode_http_req_call_req(call(token=token))
+                )
+            )
+            assert _read_frame(asking)[0] == MsgType.RPC_EXTRA_INFO  # never answered
+            for s in (cut, asking):
+                s.settimeout(3)
+                assert s.recv(16) == b""  # closed by the runner
+            idle.sendall(codec.frame(MsgType.RPC_PREPARE_CONF, b"\x00" * 8))
+            _assert_bad_request(idle)  # still served
+            for s in (idle, cut, asking):
+                s.close()
+
+        await asyncio.get_running_loop().run_in_executor(None, stall)
+    finally:
+        await runner.stop(grace_s=0.2)
+
+
+async def test_frames_split_across_writes_or_sent_together_are_answered_in_order(
+    inproc_runner: str,
+) -> None:
+    token = await prepare(inproc_runner, [("test-stop", {"status": 201})])
+    frames = b"".join(
+        codec.frame(
+            MsgType.RPC_HTTP_REQ_CALL, codec.encode_http_req_call_req(call(id=i, token=token))
+        )
+        for i in range(1, 101)
+    )
+
+    def send() -> list[int]:
+        s = _raw(inproc_runner)
+        half = len(frames) // 2 + 3  # the cut falls inside a frame
+        s.sendall(frames[:half])
+        s.sendall(frames[half:])
+        ids = [codec.decode_http_req_call_resp(_read_frame(s)[1]).id for _ in range(100)]
+        s.close()
+        return ids
+
+    assert await asyncio.get_running_loop().run_in_executor(None, send) == list(range(1, 101))
 
 
 # --- concurrency ------------------------------------------------------------------------------

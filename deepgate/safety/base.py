@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 Action = Literal["block", "redact", "mask", "log"]
 """``mask`` replaces with a numbered placeholder the answer gets back (personal data only)."""
@@ -65,15 +65,30 @@ class Detector(Protocol):
     def scan(self, text: str) -> list[Finding]: ...
 
 
-def contains_any(text: str, words: tuple[str, ...]) -> bool:
-    """Whether ``text`` holds one of ``words``: the detectors' cheap gates before a regex.
+class Literals:
+    """Which of a fixed set of substrings a text holds, in one pass (an Aho-Corasick automaton):
+    the detectors' gates, each of which names the literals one of its regexes needs. A text
+    of 600 characters costs ~4 µs for 60 literals, where 60 ``in`` tests cost ~30."""
 
-    A loop rather than ``any()`` over a generator, which costs ~0.5 µs more per call; gates run
-    dozens of times per prompt."""
-    for word in words:  # noqa: SIM110
-        if word in text:
-            return True
-    return False
+    __slots__ = ("_automaton", "words")
+
+    def __init__(self, words: Iterable[str]) -> None:
+        import ahocorasick
+
+        self.words = frozenset(w for w in words if w)
+        self._automaton: Any = None
+        if self.words:
+            automaton = ahocorasick.Automaton(ahocorasick.STORE_ANY)
+            for word in self.words:
+                automaton.add_word(word, word)
+            automaton.make_automaton()
+            self._automaton = automaton
+
+    def found(self, text: str) -> set[str]:
+        """The literals that occur in ``text``."""
+        if self._automaton is None:
+            return set()
+        return {word for _, word in self._automaton.iter(text)}
 
 
 def merge_spans(findings: Iterable[Finding]) -> list[Finding]:

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from deepgate.safety.base import Action, Finding, Scope, contains_any
+from deepgate.safety.base import Action, Finding, Literals, Scope
 
 NAME = "secrets"
 
@@ -46,9 +46,10 @@ LABELS: dict[str, str] = {
     "KeywordDetector": "secret_keyword",
 }
 # Each detector runs only when the text holds a substring that every one of its regexes needs
-# (read off detect-secrets' patterns): a literal test is ~50 ns, a regex pass over a prompt
-# microseconds, and the assignment-style regexes (a keyword, a separator, then a long secret,
-# tried at every position) tens of them. The AWS, Slack and assignment-style regexes ignore case.
+# (read off detect-secrets' patterns): one pass finds every gate's literals (``Literals``), where
+# a regex pass over a prompt costs microseconds, and the assignment-style regexes (a keyword, a
+# separator, then a long secret, tried at every position) tens of them. The AWS, Slack and
+# assignment-style regexes ignore case.
 _KEYWORDS = ("key", "pw", "pass", "token")
 GATES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     # label: (needed in the lower-cased text, needed in the text as written): any one will do
@@ -94,6 +95,8 @@ class SecretsDetector:
     action: Action
     scope: Scope
     plugins: tuple[tuple[str, Any], ...]  # (label, detect-secrets plugin instance)
+    lowered: Literals  # every gate's lower-case literals, found in one pass
+    written: Literals  # every gate's literals as written
     name: str = NAME
     slow: bool = False
 
@@ -101,17 +104,22 @@ class SecretsDetector:
     def build(cls, kinds: tuple[str, ...], action: Action, scope: Scope) -> SecretsDetector:
         classes = _plugin_classes()
         by_label = {label: classes[name] for name, label in LABELS.items() if name in classes}
-        return cls(action, scope, tuple((k, by_label[k]()) for k in kinds if k in by_label))
+        plugins = tuple((k, by_label[k]()) for k in kinds if k in by_label)
+        gates = [GATES[label] for label, _ in plugins if label in GATES]
+        lowered = Literals(w for g in gates for w in g[0])
+        written = Literals(w for g in gates for w in g[1])
+        return cls(action, scope, plugins, lowered, written)
 
     def scan(self, text: str) -> list[Finding]:
         out: list[Finding] = []
-        lowered = text.lower()
+        in_lowered = self.lowered.found(text.lower())
+        in_written = self.written.found(text)
         for label, plugin in self.plugins:
             gate = GATES.get(label)
             if (
                 gate is not None
-                and not contains_any(lowered, gate[0])
-                and not contains_any(text, gate[1])
+                and in_lowered.isdisjoint(gate[0])
+                and in_written.isdisjoint(gate[1])
             ):
                 continue
             # The plugin's own matching (with its validations, e.g. a JWT must decode) decides;

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from deepgate.safety.base import Action, Finding, Scope, contains_any
+from deepgate.safety.base import Action, Finding, Literals, Scope
 
 NAME = "injection"
 
@@ -124,6 +124,7 @@ class InjectionRules:
     action: Action
     scope: Scope
     families: tuple[tuple[str, float, tuple[str, ...], re.Pattern[str]], ...]
+    anchors: Literals  # every family's anchors, found in one pass
     extra: tuple[tuple[str, re.Pattern[str]], ...] = ()  # the route's phrases, scored 1.0
     name: str = NAME
     slow: bool = False
@@ -144,14 +145,15 @@ class InjectionRules:
             if threshold is not None and score >= threshold
         )
         phrases = tuple((name, re.compile(src)) for name, src in extra)
-        return cls(action, scope, families, phrases)
+        anchors = Literals(a for _, _, words, _ in families for a in words)
+        return cls(action, scope, families, anchors, phrases)
 
     def scan(self, text: str) -> list[Finding]:
         out: list[Finding] = []
         if self.families:
-            lowered = text.lower()
+            present = self.anchors.found(text.lower())
             for family, score, anchors, pattern in self.families:
-                if contains_any(lowered, anchors):
+                if not present.isdisjoint(anchors):
                     out.extend(
                         Finding(self.name, family, m.start(), m.end(), score)
                         for m in pattern.finditer(text)

@@ -352,3 +352,14 @@ def test_absent_detectors_are_off() -> None:
     assert build_detectors({}) == []
     names = [d.name for d in build_detectors({"secrets": {}, "injection": {}})]
     assert names == ["injection", "secrets"]
+
+
+def test_literals_finds_every_word_present_in_one_pass() -> None:
+    from deepgate.safety.base import Literals
+
+    gate = Literals(["key", "pass", "password", "AKIA", ""])
+    assert gate.found("my password and my key") == {"pass", "password", "key"}
+    assert gate.found("AKIAIOSFODNN7EXAMPLE") == {"AKIA"}
+    assert gate.found("akia") == set()  # as written: case counts
+    assert gate.found("") == set()
+    assert Literals([]).found("anything") == set()

@@ -233,6 +233,11 @@ def main(argv: list[str] | None = None) -> int:
         choices=(1, 64),
         help="run only this concurrency (repeatable; default 1 and 64)",
     )
+    parser.add_argument(
+        "--redis-unix",
+        action="store_true",
+        help="the runner reaches the quota store's Redis over its Unix socket (default TCP)",
+    )
     args = parser.parse_args(argv)
     calls = args.calls or (300 if args.quick else 10_000)
     warmup = 100 if args.quick else 2_000
@@ -294,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
             except EmbeddedRedisError as exc:
                 print(f"error: {exc}", file=sys.stderr)
                 return 1
-            extra_env["DEEPGATE_REDIS_URL"] = redis.url
+            # TCP unless --redis-unix: Redis on this machine over its Unix socket
+            extra_env["DEEPGATE_REDIS_URL"] = redis.unix_url if args.redis_unix else redis.url
         runner = RunnerProcess(Path(tmp), extra_env)
         if redis is not None and redis._proc is not None:
             runner.redis_pid = redis._proc.pid

@@ -11,7 +11,6 @@ Header value: ``<provider:model>[,<provider:model>...];exp=<unix seconds>;sig=<h
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import time
 
@@ -23,7 +22,7 @@ _VERSION = b"deepgate-route-v1"
 
 def _mac(key: bytes, request_id: str, chain: str, exp: int) -> str:
     message = b"\n".join((_VERSION, request_id.encode(), chain.encode(), str(exp).encode()))
-    return hmac.new(key, message, hashlib.sha256).hexdigest()
+    return hmac.digest(key, message, "sha256").hex()  # one C call; hmac.new costs ~8 µs more
 
 
 def sign_route(

@@ -66,6 +66,11 @@ class PluginConfig(BaseModel):
 
     on_error: Literal["open", "closed"] = "closed"
 
+    def private(self, name: str) -> Any:
+        """A private attribute (what a validator compiled), read from pydantic's own dict: the
+        plain attribute lookup costs ~1.3 µs, and the hot path reads these on every request."""
+        return self.__pydantic_private__[name]  # type: ignore[index]
+
 
 class RequestContext:
     """One HTTPReqCall as the plugins of its chain see it."""

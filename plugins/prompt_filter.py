@@ -316,7 +316,7 @@ async def on_request(ctx: RequestContext, conf: Config) -> Stop | None:
             f"{conf.max_body_bytes}. Send fewer or shorter messages."
         )
     body = await ctx.json()
-    compiled = conf._compiled
+    compiled: Compiled = conf.private("_compiled")
     changed = False
     if compiled.templates and isinstance(body, dict) and "template_name" in body:
         name = body["template_name"]

@@ -366,7 +366,7 @@ async def _switched_off(ctx: RequestContext) -> set[str]:
 async def on_request(ctx: RequestContext, conf: Config) -> Stop | None:
     if ctx.call.method in (Method.GET, Method.HEAD, Method.DELETE, Method.OPTIONS):
         return None
-    compiled = conf._compiled
+    compiled: Compiled = conf.private("_compiled")
     body = await ctx.chat()
     slots = list(text_slots(body, ctx.dialect))
     last = len(body["messages"]) - 1
@@ -411,7 +411,7 @@ async def on_request(ctx: RequestContext, conf: Config) -> Stop | None:
             pool.append(_guarded(TOPICS, t.on_error, _topics(t, text)))
     whole_text: list[Finding] = []
     # Both answers are awaited before either error is raised: no call is left running unheard.
-    for found in await asyncio.gather(*pool, return_exceptions=True):
+    for found in await asyncio.gather(*pool, return_exceptions=True) if pool else ():
         if isinstance(found, BaseException):
             raise found
         whole_text.extend(found)

@@ -196,15 +196,15 @@ class Config(PluginConfig):
 
     def identity(self, consumer: str) -> Identity | None:
         """The consumer's identity; the ``default`` one (renamed) for consumers not listed."""
-        found = self._compiled.identities.get(consumer)
+        found = self.compiled.identities.get(consumer)
         if found is not None:
             return found
-        default = self._compiled.default
+        default = self.compiled.default
         if default is None:
             return None
         found = dataclasses.replace(default, consumer=consumer)
-        if len(self._compiled.identities) < _MAX_REMEMBERED:
-            self._compiled.identities[consumer] = found
+        if len(self.compiled.identities) < _MAX_REMEMBERED:
+            self.compiled.identities[consumer] = found
         return found
 
     def chain(self, alias: str) -> tuple[str, ...]:
@@ -213,7 +213,7 @@ class Config(PluginConfig):
         The ``aliases`` table when it lists the alias; a ``provider:model`` alias is its own
         target; else the catalog's targets of that model name; else nothing (unknown).
         """
-        chains = self._compiled.chains
+        chains = self.compiled.chains
         found = chains.get(alias)
         if found is None:
             if alias in self.aliases:
@@ -221,7 +221,7 @@ class Config(PluginConfig):
             elif ":" in alias:
                 found = (alias,)
             else:
-                models = self._compiled.catalog.models
+                models = self.compiled.catalog.models
                 found = tuple(t for t in models if t.partition(":")[2] == alias)
             if len(chains) < _MAX_REMEMBERED:
                 chains[alias] = found
@@ -231,7 +231,7 @@ class Config(PluginConfig):
         """The (input, output) USD per million tokens an alias may cost, from its chain (every
         catalog model when the chain is unknown), without the pairs another pair beats on both
         counts: the estimate's worst case is the most expensive of these."""
-        compiled = self._compiled
+        compiled = self.compiled
         found = compiled.prices.get(alias)
         if found is None:
             catalog = compiled.catalog
@@ -248,5 +248,10 @@ class Config(PluginConfig):
         return found
 
     @property
+    def compiled(self) -> Compiled:
+        compiled: Compiled = self.private("_compiled")
+        return compiled
+
+    @property
     def catalog(self) -> Catalog:
-        return self._compiled.catalog
+        return self.compiled.catalog

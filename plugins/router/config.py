@@ -138,7 +138,8 @@ class Config(PluginConfig):
 
     @property
     def compiled(self) -> dict[str, CompiledAlias]:
-        return self._compiled
+        compiled: dict[str, CompiledAlias] = self.private("_compiled")
+        return compiled
 
 
 def _check_alias_refs(name: str, route: AliasRoute, routes: dict[str, AliasRoute]) -> None:

@@ -2,17 +2,20 @@
 
 The runner makes one Redis round trip on most requests (the quota reservation, a cache lookup).
 Through redis-py's asyncio connection that round trip costs ~100 µs of the runner's CPU, twice
-what the socket itself costs; this client speaks RESP2 on an ``asyncio.Protocol`` (no stream
-reader, no per-call parser objects) and costs ~40 µs. It does what those calls need and nothing
-else: ``redis://``, ``rediss://`` (TLS) and ``unix://`` URLs as redis-py reads them (user,
-password, database, ``ssl_cert_reqs``), AUTH and SELECT on connect, one command at a time per
-connection, a deadline per call, idle connections kept in a list. Errors are redis-py's exception
-classes, so callers catch one family whichever client answered.
+what the socket itself costs; this client speaks RESP2 on a non-blocking socket and costs ~40 µs:
+the command leaves with one ``send``, and its reply is read with one ``recv`` when the caller is
+ready for it (the loop is involved only when it has not arrived yet; TLS connections go through
+the loop's transport). It does what those calls need and nothing else: ``redis://``,
+``rediss://`` and ``unix://`` URLs as redis-py reads them (user, password, database,
+``ssl_cert_reqs``), AUTH and SELECT on connect, one command at a time per connection, a deadline
+per call, idle connections kept in a list. Errors are redis-py's exception classes, so callers
+catch one family whichever client answered.
 """
 
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 from collections.abc import Coroutine
 from typing import Any, cast
@@ -83,8 +86,75 @@ def parse(buf: bytes | bytearray, pos: int = 0) -> tuple[Reply, int]:
     raise RedisConnectionError(f"unexpected reply from Redis (type byte {kind!r})")
 
 
-class _Connection(asyncio.Protocol):
-    """One connection: at most one command in flight, its reply parsed as the bytes arrive."""
+class _SocketConnection:
+    """A plain (TCP or Unix) connection on a non-blocking socket, one command at a time.
+
+    The command goes out with one ``send``; its reply is read with ``recv`` at once when the
+    caller asks for it, which is usually after other work, when the reply is already there:
+    no trip through the event loop. Only a reply not there yet waits for the loop.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+        self.loop = loop
+        self.sock = sock
+        self.buf = bytearray()
+        self.unsent = b""
+        self.deadline = 0.0
+        self.timeout_s = 0.0
+        self.lost = False
+
+    def send(self, payload: bytes, timeout_s: float) -> None:
+        if self.lost:
+            raise RedisConnectionError("the connection to Redis is closed")
+        self.timeout_s = timeout_s
+        self.deadline = self.loop.time() + timeout_s
+        try:
+            sent = self.sock.send(payload)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            self.close()
+            raise RedisConnectionError(f"Redis closed the connection ({exc})") from None
+        self.unsent = payload[sent:] if sent < len(payload) else b""
+
+    async def reply(self) -> Reply:
+        try:
+            if self.unsent:  # the socket's buffer was full: the rest goes when it has room
+                unsent, self.unsent = self.unsent, b""
+                async with asyncio.timeout_at(self.deadline):
+                    await self.loop.sock_sendall(self.sock, unsent)
+            while True:
+                if self.buf:
+                    try:
+                        reply, used = parse(self.buf)
+                    except _Incomplete:
+                        pass
+                    else:
+                        del self.buf[:used]
+                        return reply
+                try:
+                    data = self.sock.recv(65536)
+                except (BlockingIOError, InterruptedError):
+                    async with asyncio.timeout_at(self.deadline):
+                        data = await self.loop.sock_recv(self.sock, 65536)
+                if not data:
+                    raise RedisConnectionError("Redis closed the connection")
+                self.buf += data
+        except TimeoutError:
+            raise RedisTimeoutError(f"Redis did not answer within {self.timeout_s:g} s") from None
+        except OSError as exc:
+            raise RedisConnectionError(f"Redis closed the connection ({exc})") from None
+        except ValueError as exc:
+            raise RedisConnectionError(f"unreadable reply from Redis: {exc}") from None
+
+    def close(self) -> None:
+        self.lost = True
+        self.sock.close()
+
+
+class _TlsConnection(asyncio.Protocol):
+    """A TLS connection (``rediss://``) through the loop's transport, one command at a time:
+    its reply is parsed as the bytes arrive."""
 
     def __init__(self) -> None:
         self.loop = asyncio.get_running_loop()  # kept: asking for it costs a system call (3.11)
@@ -131,20 +201,24 @@ class _Connection(asyncio.Protocol):
         self._fail(RedisTimeoutError(f"Redis did not answer within {timeout_s:g} s"))
         self.close()  # the reply would come late, into the next command's wait
 
-    def send(self, payload: bytes, timeout_s: float) -> asyncio.Future[Reply]:
-        """Write one command; the future of its reply, failed after ``timeout_s``."""
+    def send(self, payload: bytes, timeout_s: float) -> None:
         if self.lost or self.transport is None or self.transport.is_closing():
             raise RedisConnectionError("the connection to Redis is closed")
-        waiter = self.loop.create_future()
-        self.waiter = waiter
+        self.waiter = self.loop.create_future()
         self.deadline = self.loop.call_later(timeout_s, self._expire, timeout_s)
         self.transport.write(payload)
-        return waiter
+
+    async def reply(self) -> Reply:
+        assert self.waiter is not None
+        return await self.waiter  # failed at the deadline by _expire
 
     def close(self) -> None:
         self.lost = True
         if self.transport is not None:
             self.transport.close()
+
+
+_Connection = _SocketConnection | _TlsConnection
 
 
 class RedisWire:
@@ -173,15 +247,18 @@ class RedisWire:
         payload = encode(args)
         while self._idle:
             conn = self._idle.pop()
-            if not conn.lost:
-                return self._sent_on_idle(conn, conn.send(payload, self._timeout_s), payload)
+            if conn.lost:
+                continue
+            try:
+                conn.send(payload, self._timeout_s)
+            except RedisConnectionError:
+                continue
+            return self._sent_on_idle(conn, payload)
         return self._on_fresh(payload)
 
-    async def _sent_on_idle(
-        self, conn: _Connection, sent: asyncio.Future[Reply], payload: bytes
-    ) -> Reply:
+    async def _sent_on_idle(self, conn: _Connection, payload: bytes) -> Reply:
         try:
-            return await self._reply(conn, sent)
+            return await self._reply(conn)
         except RedisConnectionError:
             # The server had closed this idle connection (restart, idle timeout): once more on
             # a fresh one before calling Redis unreachable.
@@ -189,11 +266,12 @@ class RedisWire:
 
     async def _on_fresh(self, payload: bytes) -> Reply:
         conn = await self._connect()
-        return await self._reply(conn, conn.send(payload, self._timeout_s))
+        conn.send(payload, self._timeout_s)
+        return await self._reply(conn)
 
-    async def _reply(self, conn: _Connection, sent: asyncio.Future[Reply]) -> Reply:
+    async def _reply(self, conn: _Connection) -> Reply:
         try:
-            reply = await sent  # the connection fails it at its deadline
+            reply = await conn.reply()
         except BaseException:
             conn.close()  # failed or cancelled mid-reply: the connection's state is unknown
             raise
@@ -208,14 +286,16 @@ class RedisWire:
     async def _connect(self) -> _Connection:
         p = self._params
         loop = asyncio.get_running_loop()
+        conn: _Connection
         try:
             async with asyncio.timeout(self._timeout_s):
-                if "path" in p:
-                    _, conn = await loop.create_unix_connection(_Connection, p["path"])
-                else:
-                    tls = _tls_context(p) if "ssl_cert_reqs" in p or _is_tls(p) else None
+                if "ssl_cert_reqs" in p or _is_tls(p):
                     host, port = p.get("host", "localhost"), int(p.get("port", 6379))
-                    _, conn = await loop.create_connection(_Connection, host, port, ssl=tls)
+                    _, conn = await loop.create_connection(
+                        _TlsConnection, host, port, ssl=_tls_context(p)
+                    )
+                else:
+                    conn = _SocketConnection(loop, await _open_socket(loop, p))
                 await self._handshake(conn, p)
         except TimeoutError:
             raise RedisTimeoutError(
@@ -233,7 +313,8 @@ class RedisWire:
         if p.get("db"):
             steps.append(("SELECT", int(p["db"])))
         for step in steps:
-            reply = await conn.send(encode(step), self._timeout_s)
+            conn.send(encode(step), self._timeout_s)
+            reply = await conn.reply()
             if isinstance(reply, ResponseError):
                 conn.close()
                 raise RedisConnectionError(f"Redis refused {step[0]}: {reply}")
@@ -242,6 +323,28 @@ class RedisWire:
         idle, self._idle = self._idle, []
         for conn in idle:
             conn.close()
+
+
+async def _open_socket(loop: asyncio.AbstractEventLoop, p: dict[str, Any]) -> socket.socket:
+    """A connected non-blocking socket to the URL's Unix path or host and port."""
+    if "path" in p:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        address: Any = p["path"]
+    else:
+        host, port = p.get("host", "localhost"), int(p.get("port", 6379))
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        if not infos:
+            raise OSError(f"cannot resolve {host!r}")
+        family, kind, proto, _, address = infos[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setblocking(False)
+    try:
+        await loop.sock_connect(sock, address)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def _is_tls(params: dict[str, Any]) -> bool:

@@ -275,7 +275,7 @@ def encoding_for(model: str) -> Encoding:
 
 @functools.cache
 def _counter(encoding: Encoding) -> Callable[[str], int]:
-    """Token counting for one encoding, loaded once.
+    """Token counting for one encoding, loaded once, remembering the counts of long texts.
 
     ``batch_count`` looks up the machine's parallelism on every call; the encoding's own
     ``count`` does not, and gives the same numbers (tests hold both to tiktoken).
@@ -283,8 +283,35 @@ def _counter(encoding: Encoding) -> Callable[[str], int]:
     loaded = getattr(toktok, "_encoding", None)
     if loaded is not None:
         count: Callable[[str], int] = loaded(encoding).count
-        return count
-    return lambda text: int(toktok.batch_count([text], encoding, threads=1)[0])
+    else:
+        count = lambda text: int(toktok.batch_count([text], encoding, threads=1)[0])  # noqa: E731
+    return _Remembered(count)
+
+
+class _Remembered:
+    """Token counts of recent long texts. A conversation resends its system prompt and its
+    history on every turn, and an application one system prompt with every request: each is
+    counted once (hashing a text costs a fraction of tokenizing it). Short texts are counted
+    every time; the table keeps the most recent ``size`` texts."""
+
+    MIN_CHARS = 256
+    MAX_CHARS = 64 * 1024
+
+    def __init__(self, count: Callable[[str], int], size: int = 4096) -> None:
+        self._count = count
+        self._size = size
+        self._known: dict[str, int] = {}
+
+    def __call__(self, text: str) -> int:
+        if not self.MIN_CHARS <= len(text) <= self.MAX_CHARS:
+            return self._count(text)
+        known = self._known
+        found = known.get(text)
+        if found is None:
+            found = known[text] = self._count(text)
+            if len(known) > self._size:
+                del known[next(iter(known))]  # the oldest
+        return found
 
 
 # OpenAI's accounting: a few tokens of framing per message, and 3 to prime the answer.

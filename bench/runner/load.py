@@ -208,6 +208,7 @@ def sync_calls(
     for i, (req, expected, call_id) in enumerate(
         zip(calls.requests, calls.replies, calls.ids, strict=True)
     ):
+        body = calls.bodies[i] if calls.bodies else b""
         asked = asked_all = 0
         t0 = clock()
         sock.sendall(req)
@@ -215,7 +216,7 @@ def sync_calls(
             frame = reader.frame()
             if frame[0] != MsgType.RPC_EXTRA_INFO:
                 break
-            answer, is_body = answer_question(frame, scenario)
+            answer, is_body = answer_question(frame, scenario, body)
             asked += is_body
             asked_all += 1
             sock.sendall(answer)
@@ -345,7 +346,10 @@ class _ClientProtocol(asyncio.Protocol):
         if phase is None or self.transport is None:
             raise BenchError("a frame arrived on an idle connection")
         if frame[0] == MsgType.RPC_EXTRA_INFO:
-            answer, is_body = answer_question(frame, phase.scenario)
+            bodies = phase.calls.bodies
+            answer, is_body = answer_question(
+                frame, phase.scenario, bodies[self.index] if bodies else b""
+            )
             self.asked += is_body
             self.asked_all += 1
             self.transport.write(answer)
@@ -423,7 +427,12 @@ def bench_c64_threads(
 ) -> Point:
     def split(calls: Calls) -> list[Calls]:
         return [
-            Calls(calls.requests[k::conns], calls.replies[k::conns], calls.ids[k::conns])
+            Calls(
+                calls.requests[k::conns],
+                calls.replies[k::conns],
+                calls.ids[k::conns],
+                calls.bodies[k::conns],
+            )
             for k in range(conns)
         ]
 

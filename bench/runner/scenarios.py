@@ -201,13 +201,9 @@ class Scenario:
     route: str = ""  # the route id in the PrepareConf key
     headers: list[tuple[str, str | None]] | None = None
     token: int = 0
-    body_answer: bytes = b""
     var_answers: dict[bytes, bytes] | None = None  # question frame -> answer frame
 
     def __post_init__(self) -> None:
-        self.body_answer = codec.frame(
-            MsgType.RPC_EXTRA_INFO, codec.encode_extra_info_resp(self.body)
-        )
         if self.questions < 0:
             self.questions = int(self.asks_body)
         self.route = self.route or f"bench-{self.name}"
@@ -228,15 +224,42 @@ _ids = itertools.count(1)
 
 @dataclass(slots=True)
 class Calls:
-    """Pre-encoded HTTPReqCall frames and the exact "no action" reply expected for each."""
+    """Pre-encoded HTTPReqCall frames, the exact "no action" reply expected for each, and the
+    body each call's APISIX answers with (its own last message: see ``call_body``)."""
 
     requests: list[bytes]
     replies: list[bytes]
     ids: list[int]
+    bodies: list[bytes]
+
+
+# A reference in letters: digits would look like a phone number to the personal-data detector
+# (and send every call through Presidio), vowels could spell a rule's anchor word.
+_TICKET_LETTERS = "bcdfhjkmnpqrstvwxz"
+
+
+def ticket(call_id: int) -> str:
+    letters = []
+    while True:
+        call_id, rest = divmod(call_id, len(_TICKET_LETTERS))
+        letters.append(_TICKET_LETTERS[rest])
+        if not call_id:
+            return " (ref " + "".join(reversed(letters)) + ")"
+
+
+def call_body(body: bytes, call_id: int) -> bytes:
+    """``body`` with the call's own ticket number at the end of its last message: no two calls
+    send the same prompt. In chat traffic the system prompt and the history repeat on every
+    turn and the newest message is new; this makes the bench's calls look like that, so a
+    runner that remembers what it saw pays for each call's new text as it would in service."""
+    value = orjson.loads(body)
+    last = value["messages"][-1]
+    last["content"] = last["content"] + ticket(call_id)
+    return codec.frame(MsgType.RPC_EXTRA_INFO, codec.encode_extra_info_resp(orjson.dumps(value)))
 
 
 def encode_calls(scenario: Scenario, n: int) -> Calls:
-    requests, replies, ids = [], [], []
+    requests, replies, ids, bodies = [], [], [], []
     headers = [*(scenario.headers or HEADERS), ("content-length", str(len(scenario.body)))]
     for _ in range(n):
         call_id = next(_ids) & 0xFFFFFFFF
@@ -252,7 +275,9 @@ def encode_calls(scenario: Scenario, n: int) -> Calls:
         reply = codec.encode_http_req_call_resp(codec.HTTPReqCallResp(id=call_id))
         replies.append(codec.frame(MsgType.RPC_HTTP_REQ_CALL, reply))
         ids.append(call_id)
-    return Calls(requests, replies, ids)
+        if scenario.asks_body:
+            bodies.append(call_body(scenario.body, call_id))
+    return Calls(requests, replies, ids, bodies)
 
 
 def check_final(frame: bytes, expected: bytes, call_id: int, rewrite: bool = False) -> None:
@@ -297,10 +322,11 @@ def check_rewrite(frame: bytes, call_id: int) -> codec.Rewrite:
     raise BenchError(f"call {call_id}: the Rewrite carries no signed {ROUTE_HEADER}")
 
 
-def answer_question(frame: bytes, scenario: Scenario) -> tuple[bytes, bool]:
-    """(the answer frame, whether the body was asked) for an ExtraInfo question."""
+def answer_question(frame: bytes, scenario: Scenario, body: bytes) -> tuple[bytes, bool]:
+    """(the answer frame, whether the body was asked) for an ExtraInfo question; ``body`` is
+    the call's body answer."""
     if frame == REQ_BODY_QUESTION:
-        return scenario.body_answer, True
+        return body, True
     answers = scenario.var_answers
     if answers:
         found = answers.get(frame)
@@ -308,7 +334,7 @@ def answer_question(frame: bytes, scenario: Scenario) -> tuple[bytes, bool]:
             return found, False
     info = codec.decode_extra_info_req(frame[4:]).info
     if isinstance(info, codec.ReqBody):
-        return scenario.body_answer, True
+        return body, True
     if isinstance(info, codec.Var):
         return NO_VALUE_ANSWER, False
     raise BenchError(f"the runner asked for {info!r} in a request call")

@@ -731,3 +731,25 @@ def test_spec_is_registered_under_its_name() -> None:
     assert REGISTRY[prompt_filter.NAME] is prompt_filter.SPEC
     assert prompt_filter.SPEC.config is Config
     assert prompt_filter.SPEC.on_request is on_request
+
+
+def test_long_texts_are_tokenized_once_and_the_table_stays_bounded() -> None:
+    from plugins.prompt_filter import _Remembered
+
+    calls: list[str] = []
+
+    def count(text: str) -> int:
+        calls.append(text)
+        return len(text.split())
+
+    remembered = _Remembered(count, size=2)
+    system = "You are a helpful assistant. " * 20  # long: counted once
+    assert [remembered(system) for _ in range(3)] == [100, 100, 100]
+    assert remembered("hi there") == 2
+    assert remembered("hi there") == 2  # short: counted every time
+    assert calls == [system, "hi there", "hi there"]
+    for i in range(3):
+        remembered(f"{i} " + system)
+    assert len(remembered._known) == 2  # the oldest went
+    remembered(system)
+    assert calls.count(system) == 2

@@ -50,6 +50,29 @@ FRAME_TIMEOUT_S = 60.0
 WATCHDOG_EVERY_S = 5.0
 # Frames received but not yet taken; past this the connection stops reading until they are.
 MAX_QUEUED_FRAMES = 64
+# How long the only call in flight polls for APISIX's answer instead of sleeping (seconds);
+# DEEPGATE_RUNNER_POLL_US=0 turns polling off.
+POLL_ENV = "DEEPGATE_RUNNER_POLL_US"
+DEFAULT_POLL_US = 300
+
+
+def poll_seconds(raw: str | None) -> float:
+    """``DEEPGATE_RUNNER_POLL_US`` in seconds; the default (logged) when it is not a number."""
+    if raw is None or raw.strip() == "":
+        return DEFAULT_POLL_US / 1_000_000
+    try:
+        return max(0, int(raw)) / 1_000_000
+    except ValueError:
+        log.warning(
+            "%s=%r is not a whole number of microseconds; polling %d µs",
+            POLL_ENV,
+            raw,
+            DEFAULT_POLL_US,
+        )
+        return DEFAULT_POLL_US / 1_000_000
+
+
+POLL_S = poll_seconds(os.environ.get(POLL_ENV))
 
 _ERR_FRAMES = {
     code: codec.frame(MsgType.RPC_ERROR, codec.encode_err_resp(code)) for code in ErrCode
@@ -283,6 +306,8 @@ class _Connection(asyncio.Protocol):
 
     async def read_frame(self) -> tuple[int, bytes]:
         """The next whole frame, in arrival order."""
+        if not self.frames and self.in_exchange and POLL_S and self.runner._busy == 1:
+            await self._poll(POLL_S)
         while not self.frames:
             if self.lost is not None:
                 raise ConnectionError(str(self.lost))
@@ -296,6 +321,20 @@ class _Connection(asyncio.Protocol):
         if not self.buf:
             self.stalled_since = None
         return self.frames.popleft()
+
+    async def _poll(self, limit_s: float) -> None:
+        """Wait for APISIX's answer without sleeping, for at most ``limit_s``.
+
+        Mid-exchange APISIX answers at once, in less time than it takes to wake a process
+        that went to sleep waiting for it (~50 µs on a small VM), so while this is the only call
+        in flight the connection polls (each turn of the loop also serves its other work). With
+        other calls in flight it never polls: they use the time.
+        """
+        loop = self.loop
+        end = loop.time() + limit_s
+        # polling on purpose: each turn of the loop looks at the socket without sleeping
+        while not self.frames and self.lost is None and loop.time() < end:  # noqa: ASYNC110
+            await asyncio.sleep(0)
 
     def write(self, data: bytes) -> None:
         if self.lost is not None:

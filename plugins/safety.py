@@ -336,10 +336,12 @@ async def _scan_rules(
     slots: Sequence[TextSlot], last: int, detectors: Sequence[Detector]
 ) -> list[tuple[TextSlot, Finding]]:
     hits: list[tuple[TextSlot, Finding]] = []
+    scoped: dict[Scope, list[TextSlot]] = {}  # detectors mostly share one scope
     for detector in detectors:
-        for slot in slots:
-            if not _in_scope(slot, detector.scope, last):
-                continue
+        in_scope = scoped.get(detector.scope)
+        if in_scope is None:
+            in_scope = scoped[detector.scope] = _scoped(slots, detector.scope, last)
+        for slot in in_scope:
             if detector.slow:
                 found = await asyncio.to_thread(detector.scan, slot.text)
             else:

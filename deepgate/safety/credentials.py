@@ -97,6 +97,8 @@ class SecretsDetector:
     plugins: tuple[tuple[str, Any], ...]  # (label, detect-secrets plugin instance)
     lowered: Literals  # every gate's lower-case literals, found in one pass
     written: Literals  # every gate's literals as written
+    ungated: frozenset[str]  # labels that always run
+    opens: dict[tuple[bool, str], frozenset[str]]  # (lower-case?, literal) -> labels it lets run
     name: str = NAME
     slow: bool = False
 
@@ -105,22 +107,32 @@ class SecretsDetector:
         classes = _plugin_classes()
         by_label = {label: classes[name] for name, label in LABELS.items() if name in classes}
         plugins = tuple((k, by_label[k]()) for k in kinds if k in by_label)
-        gates = [GATES[label] for label, _ in plugins if label in GATES]
-        lowered = Literals(w for g in gates for w in g[0])
-        written = Literals(w for g in gates for w in g[1])
-        return cls(action, scope, plugins, lowered, written)
+        opens: dict[tuple[bool, str], set[str]] = {}
+        for label, _ in plugins:
+            lower_words, written_words = GATES.get(label, ((), ()))
+            for word in lower_words:
+                opens.setdefault((True, word), set()).add(label)
+            for word in written_words:
+                opens.setdefault((False, word), set()).add(label)
+        return cls(
+            action,
+            scope,
+            plugins,
+            Literals(w for lower, w in opens if lower),
+            Literals(w for lower, w in opens if not lower),
+            frozenset(label for label, _ in plugins if label not in GATES),
+            {key: frozenset(labels) for key, labels in opens.items()},
+        )
 
     def scan(self, text: str) -> list[Finding]:
         out: list[Finding] = []
-        in_lowered = self.lowered.found(text.lower())
-        in_written = self.written.found(text)
+        run = set(self.ungated)
+        for word in self.lowered.found(text.lower()):
+            run |= self.opens[(True, word)]
+        for word in self.written.found(text):
+            run |= self.opens[(False, word)]
         for label, plugin in self.plugins:
-            gate = GATES.get(label)
-            if (
-                gate is not None
-                and in_lowered.isdisjoint(gate[0])
-                and in_written.isdisjoint(gate[1])
-            ):
+            if label not in run:
                 continue
             # The plugin's own matching (with its validations, e.g. a JWT must decode) decides;
             # its regexes give the spans: what it yields may be only a capture group.

@@ -20,7 +20,7 @@ from typing import Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict
 
-from deepgate.chat import Dialect, check_chat_body, dialect_for_path
+from deepgate.chat import Dialect, TextSlot, check_chat_body, dialect_for_path, text_slots
 from deepgate.errors import DeepgateError, InvalidRequest
 from deepgate.flags import FlagContext
 from deepgate.request_facts import HEADER as FACTS_HEADER
@@ -82,6 +82,7 @@ class RequestContext:
         "_chat",
         "_headers",
         "_json",
+        "_slots",
         "_vars",
         "body_changed",
         "call",
@@ -103,6 +104,7 @@ class RequestContext:
         self._body: bytes | None = _UNSET
         self._json: Any = _UNSET
         self._chat: dict[str, Any] | None = None  # the body, once checked as a chat request
+        self._slots: list[TextSlot] | None = None  # its prompt texts
         self._vars: dict[str, str | None] = {}
         self._headers: dict[str, str] | None = None
         self.dialect: Dialect = dialect_for_path(call.path)
@@ -187,6 +189,14 @@ class RequestContext:
             self._chat = check_chat_body(body, self.dialect)
         return self._chat
 
+    async def slots(self) -> list[TextSlot]:
+        """The chat body's prompt texts (``text_slots``), listed once for the chain until a
+        plugin replaces the body. A slot edits the body in place: ``slot.text = ...``."""
+        body = await self.chat()
+        if self._slots is None:
+            self._slots = list(text_slots(body, self.dialect))
+        return self._slots
+
     def parsed_json(self) -> Any:
         """The body as parsed so far by the chain, or ``None`` (never asks APISIX)."""
         return None if self._json is _UNSET else self._json
@@ -195,6 +205,7 @@ class RequestContext:
         """Replace the whole parsed body (the next plugins see the new one)."""
         self._json = value
         self._chat = None  # edited in place or replaced: checked again when next asked
+        self._slots = None
         self.body_changed = True
 
     async def flag_context(self) -> FlagContext:

@@ -31,7 +31,7 @@ import orjson
 import toktok
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 
-from deepgate.chat import Dialect, check_chat_body, text_slots
+from deepgate.chat import Dialect, TextSlot, check_chat_body, text_slots
 from deepgate.config import StrictModel
 from deepgate.errors import (
     ContentPolicyViolation,
@@ -319,9 +319,15 @@ _TOKENS_PER_MESSAGE = 3
 _TOKENS_REPLY_PRIMING = 3
 
 
-def count_prompt_tokens(body: dict[str, Any], dialect: Dialect, encoding: Encoding) -> int:
-    """Prompt tokens as the provider bills them (text and tool definitions; images excluded)."""
-    texts = [slot.text for slot in text_slots(body, dialect)]
+def count_prompt_tokens(
+    body: dict[str, Any],
+    dialect: Dialect,
+    encoding: Encoding,
+    slots: list[TextSlot] | None = None,
+) -> int:
+    """Prompt tokens as the provider bills them (text and tool definitions; images excluded).
+    ``slots``: the body's ``text_slots`` when the caller has them already."""
+    texts = [slot.text for slot in (text_slots(body, dialect) if slots is None else slots)]
     tools = body.get("tools")
     if tools:
         texts.append(orjson.dumps(tools).decode())
@@ -359,7 +365,7 @@ async def on_request(ctx: RequestContext, conf: Config) -> Stop | None:
         body = await ctx.chat()
 
     if conf.normalize:
-        for slot in text_slots(body, ctx.dialect):
+        for slot in text_slots(body, ctx.dialect) if changed else await ctx.slots():
             old = slot.text
             new = normalize_text(old)
             if new != old:

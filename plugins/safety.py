@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 from pydantic import Field, PrivateAttr, model_validator
 
-from deepgate.chat import TextSlot, text_slots
+from deepgate.chat import TextSlot
 from deepgate.config import StrictModel
 from deepgate.errors import ContentPolicyViolation, DeepgateError, ServiceUnavailable
 from deepgate.flags import FLAGS
@@ -370,7 +370,7 @@ async def on_request(ctx: RequestContext, conf: Config) -> Stop | None:
         return None
     compiled: Compiled = conf.private("_compiled")
     body = await ctx.chat()
-    slots = list(text_slots(body, ctx.dialect))
+    slots = await ctx.slots()
     last = len(body["messages"]) - 1
     actions = compiled.actions
 

@@ -164,7 +164,8 @@ async def on_request(ctx: RequestContext, conf: Config) -> Stop | None:
     found = quotas.budgets(identity, alias, conf)
     if not found:
         return None
-    est = quotas.estimate(body, ctx.dialect, conf, counted, quotas.needs_spend(found))
+    slots = None if counted is not None else await ctx.slots()
+    est = quotas.estimate(body, ctx.dialect, conf, counted, quotas.needs_spend(found), slots)
     if "messages" in body:
         facts["prompt_tokens"] = est.prompt_tokens
     now = time.time()

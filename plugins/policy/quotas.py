@@ -20,7 +20,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from deepgate.chat import Dialect
+from deepgate.chat import Dialect, TextSlot
 from deepgate.errors import RateLimited
 from deepgate.quota import Counter, Kind, Window, counter_key, window_bounds
 from plugins.policy.config import Config, Identity, Quota
@@ -66,10 +66,11 @@ def estimate(
     conf: Config,
     prompt_tokens: int | None,
     with_spend: bool,
+    slots: list[TextSlot] | None = None,
 ) -> Estimate:
     alias: str = body["model"]
     if prompt_tokens is None:
-        prompt_tokens = count_prompt_tokens(body, dialect, encoding_for(alias))
+        prompt_tokens = count_prompt_tokens(body, dialect, encoding_for(alias), slots)
     completion = completion_budget(body, conf.default_max_tokens)
     spend = 0
     if with_spend:

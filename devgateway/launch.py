@@ -110,7 +110,8 @@ def main() -> None:
     redis: EmbeddedRedis | None = None
     if not env.get("DEEPGATE_REDIS_URL"):
         redis = EmbeddedRedis().start()
-        env["DEEPGATE_REDIS_URL"] = redis.url
+        # every process of this stack runs here: the Unix socket is the cheaper way in
+        env["DEEPGATE_REDIS_URL"] = redis.unix_url
         stack.on_stop.append(redis.stop)
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

@@ -41,7 +41,7 @@ def encode(args: tuple[Any, ...]) -> bytes:
             data = arg
         elif isinstance(arg, str):
             data = arg.encode()
-        elif isinstance(arg, int | float):
+        elif isinstance(arg, (int, float)):  # a tuple: no union object built per call
             data = repr(arg).encode()
         else:
             raise TypeError(f"cannot send a {type(arg).__name__} to Redis")

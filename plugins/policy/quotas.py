@@ -103,8 +103,29 @@ def needs_spend(found: list[tuple[str, str, Quota]]) -> bool:
     return any(q.spend_per_month_usd for _, _, q in found)
 
 
+# The minute and every (scope, path, quota) -> the counters' fixed parts: key, kind, limit, reset
+# time and rule. Day and month labels change only on a minute boundary too. Quotas are frozen
+# models: the key holds their values, so a new config with other limits never finds old ones.
+_Skeleton = list[tuple[str, Kind, int, float, str]]
+_skeletons: dict[tuple[Any, ...], _Skeleton] = {}
+
+
 def counters(found: list[tuple[str, str, Quota]], est: Estimate, now: float) -> list[Counter]:
-    out: list[Counter] = []
+    memo = (int(now // 60), *found)
+    skeleton = _skeletons.get(memo)
+    if skeleton is None:
+        if len(_skeletons) > 1024:
+            _skeletons.clear()
+        skeleton = _skeletons[memo] = _skeleton(found, now)
+    amounts = {"requests": 1, "tokens": est.tokens, "spend": est.spend_micro_usd}
+    return [
+        Counter(key, kind, limit, amounts[kind], reset_at, rule)
+        for key, kind, limit, reset_at, rule in skeleton
+    ]
+
+
+def _skeleton(found: list[tuple[str, str, Quota]], now: float) -> _Skeleton:
+    out: _Skeleton = []
     bounds: dict[Window, tuple[str, float]] = {}
     for scope, path, quota in found:
         for name, kind, window in _LIMITS:
@@ -114,23 +135,10 @@ def counters(found: list[tuple[str, str, Quota]], est: Estimate, now: float) -> 
             if window not in bounds:
                 bounds[window] = window_bounds(window, now)
             label, reset_at = bounds[window]
-            if kind == "requests":
-                amount = 1
-            elif kind == "tokens":
-                amount = est.tokens
-            else:
+            if kind == "spend":
                 limit = math.floor(limit * 1_000_000)
-                amount = est.spend_micro_usd
-            out.append(
-                Counter(
-                    counter_key(scope, kind, window, label),
-                    kind,
-                    int(limit),
-                    amount,
-                    reset_at,
-                    f"{path}.{name}",
-                )
-            )
+            key = counter_key(scope, kind, window, label)
+            out.append((key, kind, int(limit), reset_at, f"{path}.{name}"))
     return out
 
 

@@ -498,7 +498,11 @@ def _put_entries(buf: bytearray, pairs: Entries) -> int:
         buf += _P_ENTRY(t - vtables, 8, 4 + name_size, nn)
         buf += nb
         buf += _ZEROS[4 - (nn & 3)]
-        _put_string(buf, value)
+        vb = value.encode("utf-8", "surrogateescape")
+        vn = len(vb)
+        buf += _P_U32(vn)
+        buf += vb
+        buf += _ZEROS[4 - (vn & 3)]
     return vec
 
 

@@ -216,6 +216,22 @@ def test_counters_per_limit_and_window() -> None:
     assert all(c.reset_at > now for c in made)
 
 
+def test_counters_follow_the_minute_the_amounts_and_the_config() -> None:
+    def made(limit: int, now: float, tokens: int) -> list[Counter]:
+        conf = make(consumers={"a": {"quota": {"tokens_per_minute": limit}}})
+        ident = conf.identity("a")
+        assert ident is not None
+        est = quotas.Estimate(prompt_tokens=tokens, completion_tokens=0, spend_micro_usd=0)
+        return quotas.counters(quotas.budgets(ident, "m", conf), est, now)
+
+    minute = 29_000_000 * 60.0
+    first = made(1000, minute + 1, 5)
+    assert (first[0].limit, first[0].amount) == (1000, 5)
+    assert made(1000, minute + 59, 7)[0].amount == 7  # same minute, this request's amount
+    assert made(1000, minute + 60, 5)[0].key != first[0].key  # the next window
+    assert made(2000, minute + 1, 5)[0].limit == 2000  # a config with another limit
+
+
 @pytest.mark.parametrize(
     ("seconds", "text"), [(0, "0s"), (16.2, "17s"), (360, "6m0s"), (3723, "1h2m3s")]
 )

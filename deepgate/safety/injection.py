@@ -116,6 +116,17 @@ ANCHORS: dict[str, tuple[str, ...]] = {
     ),
 }  # fmt: skip
 
+# family -> a second list of words the family's regex also needs (every alternative of it): the
+# verb of an override ("ignore ... instructions"). Nouns like "order" or "context" fill ordinary
+# prose; with the verb required too, the regex runs only on text that holds both.
+ALSO_NEEDS: dict[str, tuple[str, ...]] = {
+    "override_instructions": (
+        "ignore", "disregard", "forget", "override", "bypass", "skip", "drop", "abandon", "neglect",
+    ),
+    "new_instructions": ("new", "updated", "real", "actual"),
+    "german_override": ("vergiss", "vergessen", "ignorier", "missacht", "übergeh"),
+}  # fmt: skip
+
 
 @dataclass(frozen=True, slots=True)
 class InjectionRules:
@@ -123,7 +134,8 @@ class InjectionRules:
 
     action: Action
     scope: Scope
-    families: tuple[tuple[str, float, tuple[str, ...], re.Pattern[str]], ...]
+    # (family, score, anchors, words it also needs (may be empty), pattern)
+    families: tuple[tuple[str, float, tuple[str, ...], tuple[str, ...], re.Pattern[str]], ...]
     anchors: Literals  # every family's anchors, found in one pass
     extra: tuple[tuple[str, re.Pattern[str]], ...] = ()  # the route's phrases, scored 1.0
     name: str = NAME
@@ -140,20 +152,26 @@ class InjectionRules:
         """``extra``: (name, regex) phrases of the route's own, each compiled alone (they may
         carry their own flags); ``threshold`` None leaves the built-in families out."""
         families = tuple(
-            (family, score, ANCHORS[family], re.compile(source, re.IGNORECASE))
+            (
+                family,
+                score,
+                ANCHORS[family],
+                ALSO_NEEDS.get(family, ()),
+                re.compile(source, re.IGNORECASE),
+            )
             for family, (score, source) in FAMILIES.items()
             if threshold is not None and score >= threshold
         )
         phrases = tuple((name, re.compile(src)) for name, src in extra)
-        anchors = Literals(a for _, _, words, _ in families for a in words)
+        anchors = Literals(a for _, _, one, two, _ in families for a in (*one, *two))
         return cls(action, scope, families, anchors, phrases)
 
     def scan(self, text: str) -> list[Finding]:
         out: list[Finding] = []
         if self.families:
             present = self.anchors.found(text.lower())
-            for family, score, anchors, pattern in self.families:
-                if not present.isdisjoint(anchors):
+            for family, score, anchors, also, pattern in self.families:
+                if not present.isdisjoint(anchors) and not (also and present.isdisjoint(also)):
                     out.extend(
                         Finding(self.name, family, m.start(), m.end(), score)
                         for m in pattern.finditer(text)

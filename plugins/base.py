@@ -41,9 +41,6 @@ from plugins.runner.codec import (
 Ask = Callable[[ExtraInfo], Awaitable[bytes | None]]
 """Asks APISIX for a variable or a body over the call's connection."""
 
-AskMany = Callable[[list[ExtraInfo]], Awaitable[list[bytes | None]]]
-"""Asks several questions in one round trip (APISIX answers ExtraInfo frames in order)."""
-
 _UNSET: Any = object()
 
 OnStop = Callable[[], Awaitable[None]]
@@ -77,7 +74,6 @@ class RequestContext:
 
     __slots__ = (
         "_ask",
-        "_ask_many",
         "_body",
         "_chat",
         "_headers",
@@ -97,10 +93,9 @@ class RequestContext:
         "rewrite_resp_headers",
     )
 
-    def __init__(self, call: HTTPReqCallReq, ask: Ask, ask_many: AskMany | None = None) -> None:
+    def __init__(self, call: HTTPReqCallReq, ask: Ask) -> None:
         self.call = call
         self._ask = ask
-        self._ask_many = ask_many
         self._body: bytes | None = _UNSET
         self._json: Any = _UNSET
         self._chat: dict[str, Any] | None = None  # the body, once checked as a chat request
@@ -142,14 +137,9 @@ class RequestContext:
         """Record a variable the runner already knows, so asking for it costs no round trip."""
         self._vars[name] = value
 
-    async def prefetch(self, names: tuple[str, ...], body: bool) -> None:
-        """Ask for what the chain will need in one round trip instead of one per question."""
-        questions: list[ExtraInfo] = [Var(n) for n in names if n not in self._vars]
-        if body and self._body is _UNSET:
-            questions.append(ReqBody())
-        if len(questions) < 2 or self._ask_many is None:
-            return  # one question costs the same asked now or later: leave it lazy
-        for question, raw in zip(questions, await self._ask_many(questions), strict=True):
+    def answered(self, questions: tuple[ExtraInfo, ...], answers: list[bytes | None]) -> None:
+        """What APISIX answered to questions the runner asked for the chain ahead of time."""
+        for question, raw in zip(questions, answers, strict=True):
             if isinstance(question, Var):
                 self._vars[question.name] = None if raw is None else raw.decode("utf-8", "replace")
             else:

@@ -363,6 +363,11 @@ def decode_err_resp(payload: bytes) -> ErrResp:
         raise ProtocolError(f"unknown error code {code}") from None
 
 
+def call_conf_token(payload: bytes) -> int:
+    """The conf token of an HTTPReqCall, read without decoding the rest of it."""
+    return _root(payload).u32(6)
+
+
 def decode_http_req_call_req(payload: bytes) -> HTTPReqCallReq:
     t = _root(payload)
     return HTTPReqCallReq(

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from plugins.base import PluginSpec
+from plugins.runner.codec import ExtraInfo, ReqBody, Var
 
 ConfKey = tuple[tuple[str, str], ...]
 
@@ -36,6 +37,9 @@ class PreparedConf:
     needs_response: bool = field(init=False)
     prefetch_vars: tuple[str, ...] = field(init=False)  # what the chain's plugins always read
     prefetch_body: bool = field(init=False)
+    # What the runner asks as soon as a call comes in: the above less what it knows already
+    # (the route), when that is two questions or more (one costs the same asked when needed).
+    prefetch: tuple[ExtraInfo, ...] = field(init=False)
 
     def __post_init__(self) -> None:
         self.needs_request = any(p.spec.on_request for p in self.plugins)
@@ -43,6 +47,11 @@ class PreparedConf:
         wanted = (name for p in self.plugins if p.spec.on_request for name in p.spec.wants_vars)
         self.prefetch_vars = tuple(dict.fromkeys(wanted))
         self.prefetch_body = any(p.spec.wants_body for p in self.plugins if p.spec.on_request)
+        known = () if self.route_id is None else ("route_id",)
+        asks: list[ExtraInfo] = [Var(name) for name in self.prefetch_vars if name not in known]
+        if self.prefetch_body:
+            asks.append(ReqBody())
+        self.prefetch = tuple(asks) if len(asks) >= 2 and self.needs_request else ()
 
 
 class ConfCache:

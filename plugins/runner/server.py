@@ -368,11 +368,15 @@ class _Connection(asyncio.Protocol):
         self.write(frame)
         return await self._answer()
 
-    async def ask_many(self, infos: list[ExtraInfo]) -> list[bytes | None]:
-        """Several questions in one write; APISIX answers each, in order, on this connection
-        (its ExtraInfo loop reads one frame, answers it, reads the next)."""
+    def ask_now(self, infos: tuple[ExtraInfo, ...]) -> Awaitable[list[bytes | None]]:
+        """Several questions in one write, sent now; await the result for the answers. APISIX
+        answers each, in order, on this connection (its ExtraInfo loop reads one frame,
+        answers it, reads the next)."""
         self.write(b"".join(self._question(info) for info in infos))
-        return [await self._answer() for _ in infos]
+        return self._answers(len(infos))
+
+    async def _answers(self, n: int) -> list[bytes | None]:
+        return [await self._answer() for _ in range(n)]
 
     async def ask_info(self, info: ExtraInfo) -> bytes | None:
         return await self.ask(self._question(info))
@@ -393,7 +397,7 @@ class _Connection(asyncio.Protocol):
 
     async def exchange(self, msg_type: int, payload: bytes) -> bytes:
         if msg_type == MsgType.RPC_HTTP_REQ_CALL:
-            return await self.http_req_call(codec.decode_http_req_call_req(payload))
+            return await self.http_req_call(payload)
         if msg_type == MsgType.RPC_PREPARE_CONF:
             return self.prepare_conf(codec.decode_prepare_conf_req(payload))
         if msg_type == MsgType.RPC_HTTP_RESP_CALL:
@@ -418,16 +422,26 @@ class _Connection(asyncio.Protocol):
         )
         return codec.frame(MsgType.RPC_PREPARE_CONF, codec.encode_prepare_conf_resp(conf.token))
 
-    async def http_req_call(self, req: codec.HTTPReqCallReq) -> bytes:
-        conf = self.runner.confs.get(req.conf_token)
+    async def http_req_call(self, payload: bytes) -> bytes:
+        conf = self.runner.confs.get(codec.call_conf_token(payload))
         if conf is None:
             raise _Reply(ErrCode.CONF_TOKEN_NOT_FOUND)
+        # What the chain always reads is asked before the call is even decoded: APISIX answers
+        # while the runner decodes it and sets the chain up.
+        answers = self.ask_now(conf.prefetch) if conf.prefetch else None
+        try:
+            req = codec.decode_http_req_call_req(payload)
+        except ProtocolError:
+            if answers is not None:
+                await answers  # the connection stays in step for the error reply
+            raise
         action: codec.Stop | codec.Rewrite | None = None
         if conf.needs_request:
-            ctx = RequestContext(req, self.ask_info, self.ask_many)
+            ctx = RequestContext(req, self.ask_info)
             if conf.route_id is not None:
                 ctx.know_var("route_id", conf.route_id)
-            await ctx.prefetch(conf.prefetch_vars, conf.prefetch_body)
+            if answers is not None:
+                ctx.answered(conf.prefetch, await answers)
             started = time.perf_counter()
             with request_scope(ctx.request_id):
                 action = await self._run_request_chain(ctx, conf)

@@ -554,3 +554,31 @@ async def test_a_deferred_check_that_fails_is_closed_or_open_as_its_plugin_says(
     resp, _ = await run_call(inproc_runner, await prepare(inproc_runner, opened), None)
     assert isinstance(resp.action, codec.Rewrite)
     assert resp.action.headers == [("x-slept-ms", "0")]
+
+
+async def test_questions_asked_before_a_call_that_then_fails_to_decode_keep_the_connection(
+    inproc_runner: str,
+) -> None:
+    import struct
+
+    token = await prepare(inproc_runner, [("test-prefetch", {"names": ["consumer_name"]})])
+    payload = bytearray(codec.encode_http_req_call_req(call(token=token, headers=[("x-a", "b")])))
+    start, count = codec._root(bytes(payload))._vector(5, 4)
+    assert count == 1
+    struct.pack_into("<I", payload, start, 0xFFFFFF00)  # the header entry points outside
+
+    def exchange() -> tuple[int, int]:
+        s = _raw(inproc_runner)
+        s.sendall(codec.frame(MsgType.RPC_HTTP_REQ_CALL, bytes(payload)))
+        asked = 0
+        while True:  # the runner asked its questions before decoding the call: answer them
+            msg_type, frame_payload = _read_frame(s)
+            if msg_type != MsgType.RPC_EXTRA_INFO:
+                break
+            asked += 1
+            s.sendall(codec.frame(MsgType.RPC_EXTRA_INFO, codec.encode_extra_info_resp(b"x")))
+        s.close()
+        return asked, codec.decode_err_resp(frame_payload).code
+
+    asked, code = await asyncio.get_running_loop().run_in_executor(None, exchange)
+    assert (asked, code) == (3, ErrCode.BAD_REQUEST)  # consumer_name, remote_addr, the body

@@ -180,7 +180,15 @@ _ANTHROPIC_ROLES = frozenset({"user", "assistant"})
 
 def dialect_for_path(path: str) -> Dialect:
     """Which wire format a route speaks: Anthropic Messages under ``.../messages``."""
-    return "anthropic" if "messages" in path.split("/") else "openai"
+    found = _dialects.get(path)
+    if found is None:
+        found = "anthropic" if "messages" in path.split("/") else "openai"
+        if len(_dialects) < 1024:  # a gateway has a handful of paths; clients cannot grow it
+            _dialects[path] = found
+    return found
+
+
+_dialects: dict[str, Dialect] = {}
 
 
 def check_chat_body(body: Any, dialect: Dialect) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from pydantic import ValidationError
 from deepgate.config import describe_validation_error
 from deepgate.errors import DeepgateError, InternalError, PayloadTooLarge
 from deepgate.flags import FLAGS
-from deepgate.logs import request_scope
+from deepgate.logs import request_id as log_request_id
 from plugins.base import PluginSpec, RequestContext, ResponseContext, error_stop
 from plugins.runner import codec
 from plugins.runner.codec import ErrCode, ExtraInfo, MsgType, ProtocolError
@@ -443,8 +443,11 @@ class _Connection(asyncio.Protocol):
             if answers is not None:
                 ctx.answered(conf.prefetch, await answers)
             started = time.perf_counter()
-            with request_scope(ctx.request_id):
+            scope = log_request_id.set(ctx.request_id)  # every log line of the chain carries it
+            try:
                 action = await self._run_request_chain(ctx, conf)
+            finally:
+                log_request_id.reset(scope)
             if isinstance(action, codec.Stop) and self.runner.usage is not None:
                 self.runner.usage.submit(record_for(ctx, action, started))
         if action is None:

@@ -289,25 +289,24 @@ def check_final(frame: bytes, expected: bytes, call_id: int, rewrite: bool = Fal
         return
     if frame == expected:
         return
-    msg_type = frame[0]
-    if msg_type == MsgType.RPC_ERROR:
-        code = codec.decode_err_resp(frame[4:]).code
-        raise BenchError(f"call {call_id}: the runner answered RPC_ERROR {code.name}")
-    if msg_type != MsgType.RPC_HTTP_REQ_CALL:
-        raise BenchError(f"call {call_id}: reply of frame type {msg_type}")
-    resp = codec.decode_http_req_call_resp(frame[4:])
+    resp = _call_reply(frame, call_id)
     if resp.id != call_id or resp.action is not None:
         raise BenchError(f"call {call_id}: expected no action, got id {resp.id}: {resp.action!r}")
 
 
-def check_rewrite(frame: bytes, call_id: int) -> codec.Rewrite:
+def _call_reply(frame: bytes, call_id: int) -> codec.HTTPReqCallResp:
+    """The HTTPReqCall reply in ``frame``; an error or another frame type fails the call."""
     msg_type = frame[0]
     if msg_type == MsgType.RPC_ERROR:
         code = codec.decode_err_resp(frame[4:]).code
         raise BenchError(f"call {call_id}: the runner answered RPC_ERROR {code.name}")
     if msg_type != MsgType.RPC_HTTP_REQ_CALL:
         raise BenchError(f"call {call_id}: reply of frame type {msg_type}")
-    resp = codec.decode_http_req_call_resp(frame[4:])
+    return codec.decode_http_req_call_resp(frame[4:])
+
+
+def check_rewrite(frame: bytes, call_id: int) -> codec.Rewrite:
+    resp = _call_reply(frame, call_id)
     action = resp.action
     if resp.id != call_id or not isinstance(action, codec.Rewrite):
         detail = (

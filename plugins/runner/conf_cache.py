@@ -35,21 +35,19 @@ class PreparedConf:
     route_id: str | None = None  # from PrepareConf's key; None when the key names no route
     needs_request: bool = field(init=False)
     needs_response: bool = field(init=False)
-    prefetch_vars: tuple[str, ...] = field(init=False)  # what the chain's plugins always read
-    prefetch_body: bool = field(init=False)
-    # What the runner asks as soon as a call comes in: the above less what it knows already
-    # (the route), when that is two questions or more (one costs the same asked when needed).
+    # What the runner asks as soon as a call comes in: what the chain's plugins always read
+    # (their specs' wants_vars and wants_body) less what it knows already (the route), when that
+    # is two questions or more (one costs the same asked when it is needed).
     prefetch: tuple[ExtraInfo, ...] = field(init=False)
 
     def __post_init__(self) -> None:
         self.needs_request = any(p.spec.on_request for p in self.plugins)
         self.needs_response = any(p.spec.on_response for p in self.plugins)
-        wanted = (name for p in self.plugins if p.spec.on_request for name in p.spec.wants_vars)
-        self.prefetch_vars = tuple(dict.fromkeys(wanted))
-        self.prefetch_body = any(p.spec.wants_body for p in self.plugins if p.spec.on_request)
+        handlers = [p.spec for p in self.plugins if p.spec.on_request]
+        wanted = dict.fromkeys(name for spec in handlers for name in spec.wants_vars)
         known = () if self.route_id is None else ("route_id",)
-        asks: list[ExtraInfo] = [Var(name) for name in self.prefetch_vars if name not in known]
-        if self.prefetch_body:
+        asks: list[ExtraInfo] = [Var(name) for name in wanted if name not in known]
+        if any(spec.wants_body for spec in handlers):
             asks.append(ReqBody())
         self.prefetch = tuple(asks) if len(asks) >= 2 and self.needs_request else ()
 

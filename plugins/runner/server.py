@@ -25,17 +25,17 @@ import logging
 import os
 import time
 from collections.abc import Awaitable
-from typing import Any, cast
+from typing import cast
 
 import orjson
 from pydantic import ValidationError
 
 from deepgate.config import describe_validation_error
-from deepgate.errors import DeepgateError, InternalError, PayloadTooLarge
-from deepgate.flags import FLAGS
+from deepgate.errors import PayloadTooLarge
 from deepgate.logs import request_id as log_request_id
 from plugins.base import PluginSpec, RequestContext, ResponseContext, error_stop
 from plugins.runner import codec
+from plugins.runner.chain import run_request_chain, run_response_hooks
 from plugins.runner.codec import ErrCode, ExtraInfo, MsgType, ProtocolError
 from plugins.runner.conf_cache import ConfCache, ConfKey, PreparedConf, PreparedPlugin
 from plugins.usage import record_for
@@ -445,7 +445,7 @@ class _Connection(asyncio.Protocol):
             started = time.perf_counter()
             scope = log_request_id.set(ctx.request_id)  # every log line of the chain carries it
             try:
-                action = await self._run_request_chain(ctx, conf)
+                action = await run_request_chain(ctx, conf)
             finally:
                 log_request_id.reset(scope)
             if isinstance(action, codec.Stop) and self.runner.usage is not None:
@@ -463,93 +463,17 @@ class _Connection(asyncio.Protocol):
             resp.action = error_stop(too_big, RequestContext(req, self.ask_info).dialect)
             return codec.frame(MsgType.RPC_HTTP_REQ_CALL, codec.encode_http_req_call_resp(resp))
 
-    async def _run_request_chain(
-        self, ctx: RequestContext, conf: PreparedConf
-    ) -> codec.Stop | codec.Rewrite | None:
-        in_flight: list[tuple[PreparedPlugin, Awaitable[None]]] = []
-        try:
-            stop = await self._run_handlers(ctx, conf, in_flight)
-        except (ConnectionError, TimeoutError):
-            await _settle(ctx, in_flight)
-            await _stopped(ctx, None)
-            raise  # APISIX went away mid-call: nobody to answer
-        except BaseException:
-            await _settle(ctx, in_flight)  # nothing is left running unheard
-            raise
-        # A check an earlier plugin deferred decides first, as if it had waited for it.
-        stop = await _settle(ctx, in_flight) or stop
-        if stop is None:
-            return ctx.rewrite()
-        stop.headers = [*stop.headers, *ctx.rewrite_resp_headers]
-        return await _stopped(ctx, stop)
-
-    async def _run_handlers(
-        self,
-        ctx: RequestContext,
-        conf: PreparedConf,
-        in_flight: list[tuple[PreparedPlugin, Awaitable[None]]],
-    ) -> codec.Stop | None:
-        """The chain's handlers in order, up to the first that stops the request."""
-        flags_on = FLAGS.configured  # no flag file: no flag work at all
-        for plugin in conf.plugins:
-            handler = plugin.spec.on_request
-            if handler is None:
-                continue
-            if flags_on:
-                key = f"plugin.{plugin.spec.name}.enabled"
-                # Only a flag the file names costs the APISIX round trips for the context.
-                if FLAGS.defines(key) and not FLAGS.enabled(key, await ctx.flag_context(), True):
-                    log.debug("plugin %s switched off by its flag", plugin.spec.name)
-                    continue
-            try:
-                stop = await handler(ctx, plugin.config)
-            except DeepgateError as err:
-                return error_stop(err, ctx.dialect)
-            except (ConnectionError, TimeoutError):
-                raise
-            except Exception:
-                if _fails_open(plugin):
-                    log.exception("plugin %s failed; on_error=open, going on", plugin.spec.name)
-                    continue
-                log.exception("plugin %s failed; answering 500", plugin.spec.name)
-                return error_stop(_plugin_failure(ctx.request_id), ctx.dialect)
-            finally:
-                if ctx.deferred:
-                    in_flight.extend((plugin, check) for check in ctx.deferred)
-                    ctx.deferred.clear()
-            if stop is not None:
-                return stop
-        return None
-
     async def http_resp_call(self, req: codec.HTTPRespCallReq) -> bytes:
         conf = self.runner.confs.get(req.conf_token)
         if conf is None:
             raise _Reply(ErrCode.CONF_TOKEN_NOT_FOUND)
         ctx = ResponseContext(req, self.ask_info)
         if conf.needs_response:
-            await self._run_response_hooks(ctx, conf)
+            await run_response_hooks(ctx, conf)
         resp = codec.HTTPRespCallResp(
             id=req.id, status=ctx.new_status, headers=ctx.new_headers, body=ctx.new_body
         )
         return codec.frame(MsgType.RPC_HTTP_RESP_CALL, codec.encode_http_resp_call_resp(resp))
-
-    async def _run_response_hooks(self, ctx: ResponseContext, conf: PreparedConf) -> None:
-        for plugin in conf.plugins:
-            hook = plugin.spec.on_response
-            if hook is None:
-                continue
-            try:
-                await hook(ctx, plugin.config)
-            except (ConnectionError, TimeoutError):
-                raise
-            except Exception:
-                if _fails_open(plugin):
-                    log.exception("response hook %s failed; on_error=open", plugin.spec.name)
-                    continue
-                log.exception("response hook %s failed; answering 500", plugin.spec.name)
-                stop = error_stop(_plugin_failure(None), "openai")
-                ctx.new_status, ctx.new_headers, ctx.new_body = stop.status, stop.headers, stop.body
-                return
 
 
 def route_of(key: str) -> str | None:
@@ -558,47 +482,3 @@ def route_of(key: str) -> str | None:
     if len(parts) >= 3 and parts[0] == "route" and parts[2]:
         return parts[2]
     return None
-
-
-async def _settle(
-    ctx: RequestContext, in_flight: list[tuple[PreparedPlugin, Awaitable[None]]]
-) -> codec.Stop | None:
-    """Wait for every check the chain deferred; the answer to the first that refused."""
-    refusal: codec.Stop | None = None
-    for plugin, check in in_flight:
-        try:
-            await check
-        except DeepgateError as err:
-            refusal = refusal or error_stop(err, ctx.dialect)
-        except Exception:
-            if _fails_open(plugin):
-                log.exception("plugin %s failed; on_error=open, going on", plugin.spec.name)
-                continue
-            log.exception("plugin %s failed; answering 500", plugin.spec.name)
-            refusal = refusal or error_stop(_plugin_failure(ctx.request_id), ctx.dialect)
-    in_flight.clear()
-    return refusal
-
-
-async def _stopped(ctx: RequestContext, stop: codec.Stop | None) -> codec.Stop | None:
-    """The chain ends early: let earlier plugins undo what only a forwarded request needs."""
-    for undo in reversed(ctx.on_stop):
-        try:
-            await undo()
-        except Exception:
-            log.exception("undoing a plugin's work after a stop failed")
-    return stop
-
-
-def _fails_open(plugin: PreparedPlugin) -> bool:
-    config: Any = plugin.config
-    return getattr(config, "on_error", "closed") == "open"
-
-
-def _plugin_failure(request_id: str | None) -> InternalError:
-    ref = f" (request id {request_id})" if request_id else ""
-    return InternalError(
-        "The gateway could not check this request and refused it to stay safe. Retry; if it "
-        f"keeps failing, give your operator the request id{ref}.",
-        code="plugin_error",
-    )

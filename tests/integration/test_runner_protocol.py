@@ -13,7 +13,7 @@ import orjson
 import pytest
 
 from devgateway.driver import ExtPluginDriver, PluginChain, RunnerConnection, RunnerError
-from plugins.runner import codec
+from plugins.runner import codec, tables
 from plugins.runner.codec import ErrCode, MsgType
 from tests.integration.conftest import (
     TEST_REGISTRY,
@@ -563,7 +563,7 @@ async def test_questions_asked_before_a_call_that_then_fails_to_decode_keep_the_
 
     token = await prepare(inproc_runner, [("test-prefetch", {"names": ["consumer_name"]})])
     payload = bytearray(codec.encode_http_req_call_req(call(token=token, headers=[("x-a", "b")])))
-    start, count = codec._root(bytes(payload))._vector(5, 4)
+    start, count = tables.root(bytes(payload))._vector(5, 4)
     assert count == 1
     struct.pack_into("<I", payload, start, 0xFFFFFF00)  # the header entry points outside
 

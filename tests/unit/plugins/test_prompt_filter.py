@@ -19,111 +19,10 @@ from plugins.base import RequestContext
 from plugins.prompt_filter import (
     Config,
     TemplateBody,
-    count_prompt_tokens,
-    encoding_for,
-    normalize_text,
     on_request,
     render_template,
 )
 from plugins.runner.codec import ExtraInfo, HTTPReqCallReq, Method, ReqBody
-
-# --- normalize_text -------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("raw", "clean"),
-    [
-        ("ｉｇｎｏｒｅ ａｌｌ", "ignore all"),  # fullwidth -> ASCII (NFKC)
-        ("ﬁle №5", "file No5"),  # ligature and compatibility characters
-        ("ig\u200bno\u200dre", "ignore"),  # zero-width space / joiner
-        ("soft\u00adhyphen", "softhyphen"),
-        ("\ufeffBOM first", "BOM first"),
-        ("abc\u202edef\u202c", "abcdef"),  # bidi override and pop
-        ("x\u2066y\u2069z", "xyz"),  # bidi isolates
-        ("word\U000e0069\U000e0067\U000e006eword", "wordword"),  # Unicode tag characters
-        ("a\u2062b", "ab"),  # invisible times
-    ],
-)
-def test_normalize_removes_what_a_reader_cannot_see(raw: str, clean: str) -> None:
-    assert normalize_text(raw) == clean
-
-
-@pytest.mark.parametrize(
-    ("raw", "clean"),
-    [
-        ("a  b", "a b"),
-        ("a \t  b", "a b"),
-        ("a\t\tb", "a b"),
-        ("a\u3000\u3000b", "a b"),  # ideographic spaces become one space
-        ("a\u00a0 b", "a b"),
-    ],
-)
-def test_normalize_collapses_space_runs(raw: str, clean: str) -> None:
-    assert normalize_text(raw) == clean
-
-
-def test_normalize_keeps_a_single_tab_and_single_newlines() -> None:
-    assert normalize_text("col1\tcol2\nrow2\n\nnext") == "col1\tcol2\nrow2\n\nnext"
-
-
-@pytest.mark.parametrize(
-    ("raw", "clean"),
-    [
-        ("a\n\n\nb", "a\n\nb"),
-        ("a\n\n\n\n\n\nb", "a\n\nb"),
-        ("a\n  \n\t\n \nb", "a\n\nb"),
-        ("a\r\n\r\n\r\n\r\nb", "a\n\nb"),
-        ("é\n\n\n\nb", "é\n\nb"),
-    ],
-)
-def test_normalize_collapses_blank_line_runs_to_one_blank_line(raw: str, clean: str) -> None:
-    assert normalize_text(raw) == clean
-
-
-@pytest.mark.parametrize(
-    "text",
-    [
-        "Summarize this article in three bullet points.",
-        "def f(x):\n\treturn x # ok\n\nprint(f(1))",
-        "",
-        "Crème brûlée – “quotes” and 日本語 stay.",
-    ],
-)
-def test_normalize_leaves_ordinary_text_unchanged(text: str) -> None:
-    assert normalize_text(text) == text
-
-
-def test_normalize_keeps_leading_indentation() -> None:
-    # Indentation carries meaning (Python blocks, nested Markdown lists, code blocks): a prompt
-    # asking about this code must reach the model with the code intact.
-    code = "def f(x):\n    if x:\n        return 1\n    return 0"
-    assert normalize_text(code) == code
-    assert normalize_text("- item\n  - nested") == "- item\n  - nested"
-
-
-# --- encoding_for / count_prompt_tokens ------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("model", "encoding"),
-    [
-        ("gpt-4o", "o200k_base"),
-        ("gpt-4o-mini-2024-07-18", "o200k_base"),
-        ("GPT-4.1", "o200k_base"),
-        ("gpt-5", "o200k_base"),
-        ("o3-mini", "o200k_base"),
-        ("openai/gpt-4o", "o200k_base"),
-        ("gpt-4", "cl100k_base"),
-        ("gpt-4-turbo", "cl100k_base"),
-        ("gpt-3.5-turbo", "cl100k_base"),
-        ("azure/gpt-35-turbo", "cl100k_base"),
-        ("text-embedding-3-small", "cl100k_base"),
-        ("claude-sonnet-4", "o200k_base"),
-        ("", "o200k_base"),
-    ],
-)
-def test_encoding_for(model: str, encoding: str) -> None:
-    assert encoding_for(model) == encoding
 
 
 def chat(*texts: str, **extra: Any) -> dict[str, Any]:
@@ -132,52 +31,6 @@ def chat(*texts: str, **extra: Any) -> dict[str, Any]:
         "messages": [{"role": "user", "content": t} for t in texts],
         **extra,
     }
-
-
-def test_count_matches_openai_accounting_for_a_tiny_prompt() -> None:
-    # "hello world" is 2 tokens; 3 per message and 3 to prime the reply.
-    assert count_prompt_tokens(chat("hello world"), "openai", "o200k_base") == 8
-
-
-def test_count_grows_with_text_and_messages() -> None:
-    one = count_prompt_tokens(chat("hello world"), "openai", "o200k_base")
-    longer = count_prompt_tokens(chat("hello world " * 50), "openai", "o200k_base")
-    two = count_prompt_tokens(chat("hello world", "hello world"), "openai", "o200k_base")
-    assert longer > one + 50
-    assert two == 2 * one - 3
-
-
-def test_count_includes_tools() -> None:
-    tools = [
-        {
-            "type": "function",
-            "function": {
-                "name": "get_weather",
-                "description": "Current weather for a city",
-                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
-            },
-        }
-    ]
-    plain = count_prompt_tokens(chat("hi"), "openai", "o200k_base")
-    assert count_prompt_tokens(chat("hi", tools=tools), "openai", "o200k_base") > plain + 10
-
-
-def test_count_includes_anthropic_system_and_content_blocks() -> None:
-    body = {
-        "model": "claude",
-        "messages": [{"role": "user", "content": [{"type": "text", "text": "hello world"}]}],
-    }
-    base = count_prompt_tokens(body, "anthropic", "o200k_base")
-    assert base == 8
-    body["system"] = "You are a careful assistant who answers briefly."
-    assert count_prompt_tokens(body, "anthropic", "o200k_base") > base + 5
-
-
-def test_count_depends_on_the_encoding() -> None:
-    text = "日本語のテキストを数える。" * 20
-    assert count_prompt_tokens(chat(text), "openai", "o200k_base") != count_prompt_tokens(
-        chat(text), "openai", "cl100k_base"
-    )
 
 
 # --- render_template ------------------------------------------------------------------------
@@ -731,25 +584,3 @@ def test_spec_is_registered_under_its_name() -> None:
     assert REGISTRY[prompt_filter.NAME] is prompt_filter.SPEC
     assert prompt_filter.SPEC.config is Config
     assert prompt_filter.SPEC.on_request is on_request
-
-
-def test_long_texts_are_tokenized_once_and_the_table_stays_bounded() -> None:
-    from plugins.prompt_filter import _Remembered
-
-    calls: list[str] = []
-
-    def count(text: str) -> int:
-        calls.append(text)
-        return len(text.split())
-
-    remembered = _Remembered(count, size=2)
-    system = "You are a helpful assistant. " * 20  # long: counted once
-    assert [remembered(system) for _ in range(3)] == [100, 100, 100]
-    assert remembered("hi there") == 2
-    assert remembered("hi there") == 2  # short: counted every time
-    assert calls == [system, "hi there", "hi there"]
-    for i in range(3):
-        remembered(f"{i} " + system)
-    assert len(remembered._known) == 2  # the oldest went
-    remembered(system)
-    assert calls.count(system) == 2

@@ -117,7 +117,8 @@ def reservation_key(reservation_id: str) -> str:
 
 
 def new_reservation_id() -> str:
-    """Unguessable and unique: never the client's own request id, which it could repeat."""
+    """Unique per draw, and never the client's own request id, which it could repeat. It travels
+    only inside the sealed facts and in Redis keys, so it need not be secret."""
     return unique_id()
 
 
